@@ -1,0 +1,42 @@
+# `make test` and `make demo` create .venv when it is missing and install what they need.
+# torch and torchvision are pinned here (not in pyproject.toml) because these releases
+# install from the local disk on the development machines; any torch >= 2.1 works.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+PAPERMILL := $(BIN)/papermill --kernel bpcnn
+
+.PHONY: install test demo figures dynamics-figures benchmarks clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install --quiet $(TORCH_PIN)
+	$(BIN)/pip install --quiet -e '.[test,notebooks]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name bpcnn --display-name "bpcnn (.venv)" >/dev/null
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# Installs Debian's Fashion-MNIST package when the files are absent (needs root and apt).
+fashion-mnist:
+	@if [ ! -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing from $(FASHION_MNIST): run 'sudo apt-get install dataset-fashion-mnist'" >&2; exit 1; \
+	  fi; \
+	fi
+
+demo: install fashion-mnist
+	$(BIN)/python -m bpcnn demo --runs-dir runs/demo --figure figures/demo_fashion_mnist.png
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Figures shared by the notebooks and scripts; each function draws onto matplotlib axes or saves a file."""
