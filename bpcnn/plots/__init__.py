@@ -1,1 +1,2 @@
 """Figures shared by the notebooks and scripts; each function draws onto matplotlib axes or saves a file."""
+from .dynamics import *  # noqa: F401,F403
