@@ -6,3 +6,24 @@ Convolutional Networks", NeurIPS 2021 (arXiv 2106.13031).
 """
 
 __version__ = "0.1.0"
+
+from .config import RunConfig
+from .convert import to_convolutional, to_locally_connected
+from .layers import LocallyConnected2d, locally_connected2d
+from .sharing import InstantSharing, share_weights_instantly, weight_snr, weight_snrs
+from .training import evaluate, read_metrics, train
+
+__all__ = [
+    "LocallyConnected2d",
+    "locally_connected2d",
+    "to_locally_connected",
+    "to_convolutional",
+    "share_weights_instantly",
+    "weight_snr",
+    "weight_snrs",
+    "InstantSharing",
+    "RunConfig",
+    "train",
+    "evaluate",
+    "read_metrics",
+]

@@ -13,7 +13,7 @@ so that the forward pass is one batched matrix product over output positions and
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Any, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -100,6 +100,153 @@ def extract_patches(
     return windows.permute(2, 3, 0, 1, 4, 5).reshape(out_h * out_w, batch, channels * kh * kw)
 
 
+def _row_windows(rows: torch.Tensor, first_row: int, positions: int, kernel_w: int) -> torch.Tensor:
+    """View ``kernel_w`` consecutive pixels of a row-layout image as one matrix per position.
+
+    ``rows`` is ``(R, Wp, C, B)`` contiguous, so the pixels ``(y, z) .. (y, z + kernel_w - 1)`` form one
+    contiguous ``(kernel_w * C, B)`` matrix. Position ``p`` of the result starts at flat pixel
+    ``first_row * Wp + p``; positions past the end of a row wrap into the next row, which is why the
+    callers give every buffer spare rows and discard (or zero) the wrapped positions.
+    """
+    _, width, channels, batch = rows.shape
+    return rows.as_strided(
+        (positions, kernel_w * channels, batch),
+        (channels * batch, batch, 1),
+        rows.storage_offset() + first_row * width * channels * batch,
+    )
+
+
+class _LocallyConnectedRows(torch.autograd.Function):
+    """Stride-1, dilation-1 locally connected layer computed as ``kh`` batched GEMMs per group.
+
+    Activations are copied once into a "row layout" ``(H + pads + 1, Wp, C, B)`` (batch innermost).
+    In that layout the ``kw`` pixels a kernel row covers are one contiguous ``(kw * C, B)`` matrix,
+    so every kernel row is a single ``torch.bmm`` over output positions and no patch tensor is
+    materialised. Output positions run over a grid ``oh x Wp`` (the padded width), so that
+    positions have a uniform stride; the ``Wp - ow`` extra columns per row are computed and dropped.
+    The input gradient is the same computation run on the zero-padded output gradient with the
+    kernels flipped and moved to the input positions they touch, which avoids a col2im fold.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int, int, int], groups: int
+    ) -> torch.Tensor:
+        top, bottom, left, right = padding
+        batch, in_channels, height, width = x.shape
+        out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
+        out_per_group = out_channels // groups
+        padded_h, padded_w = height + top + bottom, width + left + right
+        positions = out_h * padded_w
+
+        # (B, C, H, W) -> (g, H, W, C/g, B) inside a zero frame: (g, padded_h + 1, padded_w, C/g, B).
+        rows = x.new_empty(groups, padded_h + 1, padded_w, in_per_group, batch)
+        rows[:, :top].zero_()
+        rows[:, top + height:].zero_()
+        rows[:, top:top + height, :left].zero_()
+        rows[:, top:top + height, left + width:].zero_()
+        rows[:, top:top + height, left:left + width] = x.view(
+            batch, groups, in_per_group, height, width
+        ).permute(1, 3, 4, 2, 0)
+
+        # (oh, ow, C_out, C_in/g, kh, kw) -> (g, kh, oh, Wp, C_out/g, kw, C_in/g); the Wp - ow extra
+        # columns only feed the dropped output columns.
+        row_kernels = weight.new_empty(groups, kh, out_h, padded_w, out_per_group, kw, in_per_group)
+        row_kernels[:, :, :, out_w:].zero_()
+        row_kernels[:, :, :, :out_w] = weight.view(
+            out_h, out_w, groups, out_per_group, in_per_group, kh, kw
+        ).permute(2, 5, 0, 1, 3, 6, 4)
+        row_kernels_flat = row_kernels.view(groups, kh, positions, out_per_group, kw * in_per_group)
+
+        out = x.new_empty(groups, positions, out_per_group, batch)
+        for group in range(groups):
+            torch.bmm(row_kernels_flat[group, 0], _row_windows(rows[group], 0, positions, kw), out=out[group])
+            for i in range(1, kh):
+                out[group].baddbmm_(row_kernels_flat[group, i], _row_windows(rows[group], i, positions, kw))
+
+        ctx.save_for_backward(rows, row_kernels)
+        ctx.geometry = (padding, groups, (height, width), (out_h, out_w))
+        # (g, oh, Wp, C_out/g, B) -> (B, g, C_out/g, oh, ow) -> (B, C_out, oh, ow)
+        out = out.view(groups, out_h, padded_w, out_per_group, batch)[:, :, :out_w]
+        return out.permute(4, 0, 3, 1, 2).reshape(batch, out_channels, out_h, out_w)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        rows, row_kernels = ctx.saved_tensors
+        (top, _, left, _), groups, (height, width), (out_h, out_w) = ctx.geometry
+        _, kh, _, padded_w, out_per_group, kw, in_per_group = row_kernels.shape
+        padded_h = rows.shape[1] - 1
+        batch = rows.shape[-1]
+        positions = out_h * padded_w
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        # The output gradient in row layout, with kh - 1 zero rows above and kw - 1 zero columns left
+        # of every row: (g, padded_h + kh, Wp, C_out/g, B). Since ow + kw - 1 == Wp, the data fills
+        # each interior row to its end, and reads past a row's end wrap into the next row's zeros.
+        grad_rows = grad_out.new_empty(groups, padded_h + kh, padded_w, out_per_group, batch)
+        grad_rows[:, :kh - 1].zero_()
+        grad_rows[:, kh - 1 + out_h:].zero_()
+        grad_rows[:, kh - 1:kh - 1 + out_h, :kw - 1].zero_()
+        grad_rows[:, kh - 1:kh - 1 + out_h, kw - 1:] = grad_out.reshape(
+            batch, groups, out_per_group, out_h, out_w
+        ).permute(1, 3, 4, 2, 0)
+
+        grad_x = grad_w = None
+        if need_w:
+            # Output position p = r * Wp + c sits at flat pixel p + (kh - 1) * Wp + (kw - 1) of grad_rows.
+            grad_kernels = row_kernels.new_empty(row_kernels.shape)
+            grad_kernels_flat = grad_kernels.view(groups, kh, positions, out_per_group, kw * in_per_group)
+            for group in range(groups):
+                grad_pos = grad_rows[group].view(-1, out_per_group, batch)[
+                    (kh - 1) * padded_w + kw - 1:(kh - 1) * padded_w + kw - 1 + positions
+                ]  # (P, C_out/g, B)
+                for i in range(kh):
+                    windows = _row_windows(rows[group], i, positions, kw)  # (P, kw * C_in/g, B)
+                    torch.bmm(grad_pos, windows.transpose(1, 2), out=grad_kernels_flat[group, i])
+            # (g, kh, oh, ow, C_out/g, kw, C_in/g) -> (oh, ow, g, C_out/g, C_in/g, kh, kw)
+            grad_w = grad_kernels[:, :, :, :out_w].permute(2, 3, 0, 4, 6, 1, 5).reshape(
+                out_h, out_w, groups * out_per_group, in_per_group, kh, kw
+            )
+            del grad_kernels, grad_kernels_flat
+
+        if need_x:
+            # Input pixel Y (padded coordinates) receives kernel row i of output row Y - i. The kernels
+            # are moved to the pixel they touch, with the kw taps reversed to match the order in which
+            # a grad_rows window lists output columns: (g, kh, Hp, Wp, kw, C_out/g, C_in/g), zero
+            # where no output position exists. One skewed view writes them all:
+            # (g, i, r, c, j) -> (g, i, r + i, c + j, kw - 1 - j).
+            moved = row_kernels.new_zeros(groups, kh, padded_h, padded_w, kw, out_per_group, in_per_group)
+            step_j = out_per_group * in_per_group
+            step_z = kw * step_j
+            step_y = padded_w * step_z
+            step_i = padded_h * step_y
+            moved.as_strided(
+                (groups, kh, out_h, out_w, kw, out_per_group, in_per_group),
+                (kh * step_i, step_i + step_y, step_y, step_z, step_z - step_j, in_per_group, 1),
+                (kw - 1) * step_j,
+            ).copy_(row_kernels[:, :, :, :out_w].transpose(4, 5))
+            # Only input rows top .. top + H - 1 are needed: (g, kh, H * Wp, kw * C_out/g, C_in/g).
+            moved_flat = moved[:, :, top:top + height].reshape(
+                groups, kh, height * padded_w, kw * out_per_group, in_per_group
+            )
+            grad_x_rows = grad_out.new_empty(groups, height * padded_w, in_per_group, batch)
+            for group in range(groups):
+                for i in range(kh):
+                    kernels_t = moved_flat[group, i].transpose(1, 2)  # (H * Wp, C_in/g, kw * C_out/g)
+                    # Output row Y - i sits in grad_rows row Y - i + kh - 1.
+                    windows = _row_windows(grad_rows[group], top + kh - 1 - i, height * padded_w, kw)
+                    if i == 0:
+                        torch.bmm(kernels_t, windows, out=grad_x_rows[group])
+                    else:
+                        grad_x_rows[group].baddbmm_(kernels_t, windows)
+            del moved, moved_flat
+            # (g, H, Wp, C_in/g, B) -> (B, g, C_in/g, H, W) -> (B, C_in, H, W)
+            grad_x = grad_x_rows.view(groups, height, padded_w, in_per_group, batch)[:, :, left:left + width]
+            grad_x = grad_x.permute(4, 0, 3, 1, 2).reshape(batch, groups * in_per_group, height, width)
+
+        return grad_x, grad_w, None, None
+
+
 def locally_connected2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -110,6 +257,11 @@ def locally_connected2d(
     groups: int = 1,
 ) -> torch.Tensor:
     """Apply a locally connected layer, the functional counterpart of ``F.conv2d``.
+
+    Stride-1, dilation-1 layers run as one batched GEMM per kernel row (see
+    ``_LocallyConnectedRows``). A 1x1 kernel with any stride subsamples its input first. Other
+    strides and dilations gather patches with ``F.unfold`` and run them as a 1x1 layer. Under
+    autocast the input and kernels are cast to the autocast dtype, as ``F.conv2d`` does.
 
     Args:
         x: input ``(B, C_in, H, W)``.
@@ -128,26 +280,38 @@ def locally_connected2d(
     else:
         pads = tuple(padding)  # type: ignore[assignment]
     out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
-    batch = x.shape[0]
-    positions = out_h * out_w
-    out_per_group = out_channels // groups
-    patch_len = in_per_group * kh * kw
-
-    patches = extract_patches(x, (kh, kw), stride_hw, pads, dilation_hw)  # (L, B, C_in*kh*kw)
-    if patches.shape[0] != positions:
+    expected = output_size(tuple(x.shape[-2:]), (kh, kw), stride_hw, pads, dilation_hw)  # type: ignore[arg-type]
+    if expected != (out_h, out_w):
         raise ValueError(
-            f"input of spatial size {tuple(x.shape[-2:])} gives {patches.shape[0]} output positions, "
-            f"but the weight has {out_h}x{out_w}={positions}"
+            f"input of spatial size {tuple(x.shape[-2:])} gives {expected[0]}x{expected[1]} output "
+            f"positions, but the weight has {out_h}x{out_w}"
         )
-    # Split channels into groups: (L, B, g, K) -> (L, g, B, K) -> (L * g, B, K).
-    patches = patches.view(positions, batch, groups, patch_len).transpose(1, 2).reshape(
-        positions * groups, batch, patch_len
-    )
-    kernels = weight.reshape(positions * groups, out_per_group, patch_len)  # (L * g, C_out/g, K)
-    out = torch.bmm(patches, kernels.transpose(1, 2))  # (L * g, B, C_out/g)
-    # (L, g, B, C_out/g) -> (B, g, C_out/g, L) -> (B, C_out, out_h, out_w)
-    out = out.view(positions, groups, batch, out_per_group).permute(2, 1, 3, 0)
-    out = out.reshape(batch, out_channels, out_h, out_w)
+    if x.shape[1] != in_per_group * groups:
+        raise ValueError(
+            f"input has {x.shape[1]} channels, but the weight expects {in_per_group} per group "
+            f"times groups={groups}"
+        )
+
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(compute_dtype), weight.to(compute_dtype)
+    with torch.autocast(device_type, enabled=False):
+        if (kh, kw) == (1, 1) and (stride_hw != (1, 1) or any(pads)):
+            # A 1x1 kernel reads one pixel: pad, subsample, and run a 1x1 stride-1 layer.
+            x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+            x = x[:, :, ::stride_hw[0], ::stride_hw[1]][:, :, :out_h, :out_w]
+            out = _LocallyConnectedRows.apply(x, weight, (0, 0, 0, 0), groups)
+        elif stride_hw == (1, 1) and dilation_hw == (1, 1):
+            out = _LocallyConnectedRows.apply(x, weight, pads, groups)
+        else:
+            # Gather patches: (B, C_in * kh * kw, oh * ow), channels ordered (C_in, kh, kw) as in the
+            # weight, so the weight is a free view as 1x1 kernels over C_in/g * kh * kw channels.
+            x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
+            patches = F.unfold(x, (kh, kw), dilation=dilation_hw, stride=stride_hw)
+            patches = patches.view(x.shape[0], -1, out_h, out_w)
+            kernels_1x1 = weight.reshape(out_h, out_w, out_channels, in_per_group * kh * kw, 1, 1)
+            out = _LocallyConnectedRows.apply(patches, kernels_1x1, (0, 0, 0, 0), groups)
     if bias is not None:
         out = out + bias.permute(2, 0, 1).to(out.dtype)
     return out

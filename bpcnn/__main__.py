@@ -1,0 +1,112 @@
+"""Command line: ``python -m bpcnn train|demo ...`` (also under ``torchrun``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .config import RunConfig
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per ``RunConfig`` field; unset flags are absent from the parsed namespace."""
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if hint is bool:
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=help_text)
+            continue
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        kwargs: Dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text}
+        if typing.get_origin(hint) in (list, List):
+            kwargs.update(type=int, nargs="*")
+        else:
+            kwargs["type"] = base if base in (int, float, str) else str
+        parser.add_argument(_flag(f.name), **kwargs)
+
+
+def config_from_args(namespace: argparse.Namespace) -> RunConfig:
+    """Build the run config: a saved config (``--config``) if given, overridden by the flags on the command line."""
+    values = vars(namespace).copy()
+    base: Dict[str, Any] = {}
+    config_path = values.pop("config", None)
+    for key in ("command", "verbose", "quiet"):
+        values.pop(key, None)
+    if config_path:
+        base = RunConfig.load(Path(config_path)).to_dict()
+    base.update(values)
+    return RunConfig.from_dict(base)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import train
+
+    config = config_from_args(args)
+    result = train(config)
+    final = result.final
+    if final:
+        print(f"{result.run_dir}: {final['eval_split']} top-1 {final['eval_top1']:.4f}, "
+              f"top-5 {final['eval_top5']:.4f} after {final['epoch']} epochs")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    table = run_demo(Path(args.runs_dir), Path(args.figure), data_root=args.data_root)
+    print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bpcnn", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train one run (resumes from its run folder)")
+    train.add_argument("--config", default=argparse.SUPPRESS,
+                       help="a saved run config (config.json or its run folder); flags given here override it")
+    add_config_arguments(train)
+    train.set_defaults(handler=_train)
+
+    demo = commands.add_parser("demo", help="train conv, LC and LC + instant sharing on Fashion-MNIST via the notebook")
+    demo.add_argument("--runs-dir", default="runs/demo", help="folder for the three run folders")
+    demo.add_argument("--figure", default="figures/demo_fashion_mnist.png", help="where to save the accuracy figure")
+    demo.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's package folder)")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    handler = args.handler
+    del args.handler
+    try:
+        return handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        logging.getLogger("bpcnn").error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
