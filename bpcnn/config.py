@@ -50,6 +50,8 @@ class RunConfig:
     validation_size: int = field(default=5000, metadata=_help("images held out in validation mode"))
     subset: Optional[int] = field(default=None, metadata=_help(
         "use only N (seeded random) training and N evaluation images, for smoke runs"))
+    subset_evaluation: bool = field(default=True, metadata=_help(
+        "with --subset, limit the evaluation set too (--no-subset-evaluation evaluates on all of it)"))
     image_padding: int = field(default=4, metadata=_help("zero padding in pixels before the random crop"))
     n_repetitions: int = field(default=1, metadata=_help(
         "copies of each image per batch, each with its own random translation; a batch then holds "
@@ -199,3 +201,20 @@ class RunConfig:
         """Return ``{field: (self value, other value)}`` for fields that differ and may not change on resume."""
         mine, theirs = self.to_dict(), other.to_dict()
         return {k: (mine[k], theirs[k]) for k in mine if mine[k] != theirs[k] and k not in RESUMABLE_CHANGES}
+
+
+SHARING_MODES = ("none", "instant", "sleep")
+
+
+def make_config(sharing: str = "none", **fields: Any) -> RunConfig:
+    """Build a ``RunConfig`` from notebook-style parameters.
+
+    ``sharing`` is ``'none'``, ``'instant'`` (pool means every ``weight_sharing_frequency``
+    iterations) or ``'sleep'`` (the sleep phase at that frequency); it sets ``share_weights`` and
+    ``instant_weight_sharing``. Every other keyword is a ``RunConfig`` field.
+    """
+    if sharing not in SHARING_MODES:
+        raise ValueError(f"invalid sharing {sharing!r}: expected one of {', '.join(SHARING_MODES)}")
+    fields.setdefault("share_weights", sharing != "none")
+    fields.setdefault("instant_weight_sharing", sharing == "instant")
+    return RunConfig.from_dict(fields)

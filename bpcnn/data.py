@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import gzip
 import logging
-import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -455,7 +454,7 @@ def build_data(config: RunConfig, rank: int = 0, world_size: int = 1, pin_memory
         else:
             eval_images, eval_labels, eval_index = train_images, train_labels, held_out
         train_index = _limit(train_index, config.subset, config.seed)
-        eval_index = _limit(eval_index, config.subset, config.seed + 1)
+        eval_index = _limit(eval_index, config.subset if config.subset_evaluation else None, config.seed + 1)
         natural = config.dataset.startswith("CIFAR")
         common = dict(mean=mean, std=std, seed=config.seed, rank=rank, world_size=world_size)
         train = TensorLoader(train_images[train_index], train_labels[train_index], per_rank, train=True,
@@ -476,7 +475,7 @@ def build_data(config: RunConfig, rank: int = 0, world_size: int = 1, pin_memory
         test_set = torch.utils.data.Subset(eval_source, held_out.tolist())
     train_index = _limit(train_index, config.subset, config.seed)
     train_subset = torch.utils.data.Subset(train_set, train_index.tolist())
-    eval_index = _limit(torch.arange(len(test_set)), config.subset, config.seed + 1)
+    eval_index = _limit(torch.arange(len(test_set)), config.subset if config.subset_evaluation else None, config.seed + 1)
     test_subset = torch.utils.data.Subset(test_set, eval_index.tolist())
     common = dict(seed=config.seed, workers=config.workers, rank=rank, world_size=world_size, pin_memory=pin_memory)
     train = FolderLoader(train_subset, per_rank, True, config.n_repetitions, **common)

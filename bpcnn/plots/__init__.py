@@ -1,2 +1,3 @@
 """Figures shared by the notebooks and scripts; each function draws onto matplotlib axes or saves a file."""
+from .training import *  # noqa: F401,F403
 from .dynamics import *  # noqa: F401,F403
