@@ -101,10 +101,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _setup_logging(args.verbose)
     handler = args.handler
     del args.handler
+    from .training import CheckpointError
+
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as err:
-        logging.getLogger("bpcnn").error("%s", err)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
 

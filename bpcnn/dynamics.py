@@ -20,18 +20,18 @@ show how the pool's weights converge towards one shared kernel:
       v      <- momentum * v + lr_t * ( -(r_i - b) x - gamma (w_i - w_i_init) )
       w      <- w + v,      lr_t = lr / sqrt(1 + t / lr_time_constant), zero for t < lr_delay_steps
 
-  Rates start at ``r = b`` and ``r_inh = 0``; ``t`` counts steps from 0.
+  Rates start at ``r = b`` and ``r_inh = 0``, and ``t`` counts steps from 0.
 
-Both record the deviation ``mean over entries of (w - w_mean)^2 / w_mean^2`` (``w_mean`` is the
-mean over the pool; its inverse is an SNR) and the cosine between the pool-mean weight vector and
-its initial value. Weights, inputs and results are float64.
+Both record the deviation ``mean over entries of (w - w_mean)^2 / w_mean^2``, where ``w_mean`` is
+the mean over the pool and the inverse is an SNR. They also record the cosine between the
+pool-mean weight vector and its initial value. Weights, inputs and results are float64.
 
 The whole grid (gammas x kernel sizes x trials) runs as one batch. The dynamic simulation uses an
 exact reformulation: while ``x`` is held, ``w - w_init`` and ``v`` change only along ``x`` and
 along their own values at the start of the hold, so each neuron carries three scalars
-(``r``, ``w . x``, ``v . x``) and the network is linear in them. The map over one hold is
-therefore a small matrix that depends only on the learning rates, ``gamma`` and ``|x|^2``;
-all holds' matrices are computed at once, and the weight vectors are rebuilt once per hold.
+(``r``, ``w . x``, ``v . x``) whose updates are linear. The map over one hold is therefore a
+small matrix that depends only on the learning rates, ``gamma`` and ``|x|^2``. The matrices of
+many holds are computed at once, and the weight vectors are rebuilt once per hold.
 Neurons couple only through the pool mean, so the mean follows a 6-state system (with ``r_inh``
 and a constant) and the deviations from it a 4-state system without ``r_inh``.
 
@@ -74,7 +74,7 @@ PAPER_GAMMAS = (1e-1, 1e-2, 1e-3)
 
 @dataclass(frozen=True)
 class InstantParams:
-    """Constants of the instant (plain SGD) simulation; defaults are the reference's values."""
+    """Constants of the instant (plain SGD) simulation, with the reference's values as defaults."""
 
     n_neurons: int = 100
     momentum: float = 0.95
@@ -86,7 +86,7 @@ class InstantParams:
 
 @dataclass(frozen=True)
 class DynamicParams:
-    """Constants of the rate-dynamics simulation; defaults are the reference's values."""
+    """Constants of the rate-dynamics simulation, with the reference's values as defaults."""
 
     n_neurons: int = 100
     tau: float = 30.0  # time constant of the rates, in steps
@@ -112,7 +112,7 @@ class SimulationResult:
     """Recorded measures of a grid of simulations.
 
     ``deviation`` and ``alignment`` have shape ``(len(gammas), len(kernel_sizes), n_trials,
-    n_records)``; ``steps[j]`` is the number of steps completed at record ``j``.
+    n_records)``, and ``steps[j]`` is the number of steps completed at record ``j``.
     """
 
     kind: str  # "instant" or "dynamic"
@@ -124,7 +124,7 @@ class SimulationResult:
     steps: np.ndarray  # (R,)
     deviation: np.ndarray  # (G, K, T, R)
     alignment: np.ndarray  # (G, K, T, R)
-    wall_time_s: float = float("nan")
+    wall_time_s: float = float("nan")  # seconds the simulation took
 
     @property
     def snr(self) -> np.ndarray:
@@ -333,15 +333,16 @@ def simulate_instant(
 def _hold_maps(lr: np.ndarray, x_sq: np.ndarray, gammas: np.ndarray, p: DynamicParams):
     """Compute the linear map of each hold for every configuration.
 
-    ``lr`` (H, L) holds the learning rates of the L steps of each of H holds and ``x_sq``
-    (K, T, H) the squared norm of each hold's input. Returns
+    ``lr`` (H, L) contains the learning rates of the L steps of each of H holds, and ``x_sq``
+    (K, T, H) the squared norm of each hold's input. With z = w . x, u = v . x and
+    z_init = w_init . x, it returns
 
-    - ``mean_maps`` (G, K, T, H, 4, 6): pool means (r, z, u, z_init, r_inh, 1) at the start of a
-      hold to (r, z, u, r_inh) at its end, where z = w . x, u = v . x, z_init = w_init . x;
-    - ``dev_maps`` (G, K, T, H, 3, 4): deviations from the pool mean (r, z, u, z_init) to
-      (r, z, u); the inhibitory neuron and the constants act on the mean only;
-    - ``momentum_maps`` (G, H, 2, 2): the part of (w - w_init, v) that is not along x, from the
-      start to the end of a hold. It depends only on gamma and the learning rates.
+    - ``mean_maps`` (G, K, T, H, 4, 6), from the pool means (r, z, u, z_init, r_inh, 1) at the
+      start of a hold to (r, z, u, r_inh) at its end.
+    - ``dev_maps`` (G, K, T, H, 3, 4), from a neuron's deviations from the pool mean
+      (r, z, u, z_init) to (r, z, u). The inhibitory neuron and the constants act on the mean only.
+    - ``momentum_maps`` (G, H, 2, 2), from (w - w_init, v) at the start of a hold to their
+      values at its end, except for the part along x. It depends only on gamma and lr.
     """
     n_holds, n_steps = lr.shape
     n_gammas, (n_kernels, n_trials) = len(gammas), x_sq.shape[:2]
@@ -362,7 +363,7 @@ def _hold_maps(lr: np.ndarray, x_sq: np.ndarray, gammas: np.ndarray, p: DynamicP
         lr_gamma = np.multiply.outer(gammas, lr_step)  # (G, H)
         lr_gamma_b = lr_gamma[:, None, None, :, None]  # (G, 1, 1, H, 1)
 
-        # Deviations: r <- leak r + z / tau; u <- m u - lr |x|^2 r - lr gamma (z - z_init).
+        # Deviations: r <- leak r + z / tau, then u <- m u - lr |x|^2 r - lr gamma (z - z_init).
         dev_r *= leak
         dev_r += inv_tau * dev_z
         dev_u *= m
@@ -382,12 +383,12 @@ def _hold_maps(lr: np.ndarray, x_sq: np.ndarray, gammas: np.ndarray, p: DynamicP
         mean_inh[..., 5] -= b * inv_tau
         mean_u *= m
         mean_u -= lr_x_sq * mean_r
-        mean_u[..., 5] += b * lr_x_sq[..., 0]
+        mean_u[..., 5] += b * lr_x_sq[..., 0]  # the b of -(r - b) acts on the constant
         mean_u -= lr_gamma_b * mean_z
         mean_u[..., 3] += lr_gamma_b[..., 0]
         mean_z += mean_u
 
-        # Momentum with the pull towards w_init: v <- m v - lr gamma e; e <- e + v.
+        # Momentum with the pull towards w_init: v <- m v - lr gamma e, then e <- e + v.
         mom_v *= m
         mom_v -= lr_gamma[..., None] * mom_e
         mom_e += mom_v
@@ -411,11 +412,11 @@ def simulate_dynamic(
 ) -> SimulationResult:
     """Run the rate dynamics with an inhibitory neuron for the whole grid at once.
 
-    ``params`` are the fields of ``DynamicParams``; pass ``**DYNAMIC_K3_PRESET`` for the
+    ``params`` are the fields of ``DynamicParams``. Pass ``**DYNAMIC_K3_PRESET`` for the
     reference's k = 3 settings. ``record_every`` must be a multiple of ``hold_steps`` (its
-    default) because the weight vectors exist only at the ends of holds. ``n_steps`` need not
-    be a multiple of ``hold_steps``; the last hold is then shorter. ``chunk_holds`` sets how
-    many holds' maps are computed together and trades memory for speed.
+    default) because the weight vectors exist only at the ends of holds. When ``n_steps`` is
+    not a multiple of ``hold_steps``, the last hold is shorter. ``chunk_holds`` sets how many
+    holds' maps are computed together, trading memory for speed.
     """
     kernel_sizes, gammas = tuple(int(k) for k in kernel_sizes), tuple(float(g) for g in gammas)
     p = DynamicParams(**params)
@@ -489,7 +490,7 @@ def simulate_dynamic(
 
 
 def _advance_hold(pools, r, r_inh, h, x_sq, mean_map, dev_map, momentum_map):
-    """Advance every configuration by hold ``h``; updates the pools' e and v in place.
+    """Advance every configuration by hold ``h``, updating the pools' e and v in place.
 
     ``r`` (G, K, T, n), ``r_inh`` (G, K, T), ``x_sq`` (K, T), ``mean_map`` (G, K, T, 4, 6),
     ``dev_map`` (G, K, T, 3, 4), ``momentum_map`` (G, 2, 2). Returns the new ``r, r_inh``.
@@ -511,8 +512,9 @@ def _advance_hold(pools, r, r_inh, h, x_sq, mean_map, dev_map, momentum_map):
     z_end = mean_end[..., None, 1] + dev_end[..., 1]
     u_end = mean_end[..., None, 2] + dev_end[..., 2]
 
-    # Outside x, (e, v) follow momentum_map; the coefficients along x follow from the projections:
-    # e_end . x = P e . x + S v . x + c |x|^2, and the same for v with (Q, T, g).
+    # Apart from the part along x, (e, v) follow momentum_map [[P, S], [Q, T]]. The coefficients
+    # c and g along x follow from the projections: e_end . x = P e . x + S v . x + c |x|^2,
+    # and the same for v with Q, T and g.
     coefficients = momentum_map[:, :, :, None, None, None]  # (G, 2, 2, 1, 1, 1)
     p_e, s_v = coefficients[:, 0, 0], coefficients[:, 0, 1]
     q_e, t_v = coefficients[:, 1, 0], coefficients[:, 1, 1]

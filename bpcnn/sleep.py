@@ -156,21 +156,21 @@ def _anti_hebbian_chain(
 ) -> torch.Tensor:
     """Run ``S <- S (I - lr * X^T X / B) - lr * gamma * (S - S_0)`` once for each ``X`` in ``patterns``.
 
-    ``state`` ``S`` is ``(g, R, K)`` and every ``X`` is ``(g, B, K)``, one row per input of the
-    batch. Returns the final state as a new tensor.
+    ``state`` ``S`` is ``(g, R, K)`` or ``(R, K)``, and every ``X`` is ``(g, B, K)`` or ``(B, K)``
+    to match, one row per input of the batch. Returns the final state as a new tensor.
     """
     anchor = state
     state = state.clone()
     decay = 1.0 - lr * gamma
     for x in patterns:
-        batch, size = x.shape[1], x.shape[2]
-        rows = state.shape[1]
+        batch, size = x.shape[-2], x.shape[-1]
+        rows = state.shape[-2]
         if size * size * (rows + batch) < 2 * rows * size * batch:
-            # Small K: multiply by the batch covariance X^T X, (g, K, K).
-            correction = torch.bmm(state, torch.bmm(x.transpose(1, 2), x))  # (g, R, K)
+            # Small K: multiply by the batch covariance X^T X, (..., K, K).
+            correction = torch.matmul(state, torch.matmul(x.transpose(-1, -2), x))  # (..., R, K)
         else:
-            responses = torch.bmm(state, x.transpose(1, 2))  # (g, R, B)
-            correction = torch.bmm(responses, x)  # (g, R, K)
+            responses = torch.matmul(state, x.transpose(-1, -2))  # (..., R, B)
+            correction = torch.matmul(responses, x)  # (..., R, K)
         state.mul_(decay)
         if gamma:
             state.add_(anchor, alpha=lr * gamma)

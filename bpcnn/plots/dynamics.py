@@ -68,7 +68,7 @@ def plot_convergence(results: Sequence[SimulationResult], measure: str = "deviat
             )
     labels = [result.kind for result in results] if labels is None else list(labels)
     fig, axes = plt.subplots(len(results), len(kernel_sizes),
-                             figsize=(4 * len(kernel_sizes), 3.25 * len(results)),
+                             figsize=(max(4 * len(kernel_sizes), 6), 3.25 * len(results)),
                              sharey="row", squeeze=False, constrained_layout=True)
     for row, (result, label) in enumerate(zip(results, labels)):
         for ki, k in enumerate(kernel_sizes):
@@ -76,7 +76,7 @@ def plot_convergence(results: Sequence[SimulationResult], measure: str = "deviat
             axes[row, ki].set_title(f"{label}, k = {k}")
         axes[row, 0].set_ylabel(_MEASURES[measure][1])
     axes[0, -1].legend(fontsize="small")
-    fig.suptitle(f"{measure} of the pool's weights: mean over trials, band from min to max")
+    fig.suptitle(f"{measure}: mean over trials, band from min to max")
     return fig
 
 
@@ -96,9 +96,11 @@ def plot_alignment(dynamic: SimulationResult):
 def _draw_explorer(fig, kernel_size, gamma, alpha, tau, hold_steps, lr, n_neurons, n_steps,
                    n_trials, seed):
     start = time.perf_counter()
+    # About 200 records keep recording and drawing cheap.
+    record_every = hold_steps * max(1, n_steps // hold_steps // 200)
     result = simulate_dynamic(
-        (kernel_size,), (gamma,), n_trials, n_steps, seed=seed, alpha=alpha, tau=tau,
-        hold_steps=hold_steps, lr=lr, n_neurons=n_neurons,
+        (kernel_size,), (gamma,), n_trials, n_steps, seed=seed, record_every=record_every,
+        alpha=alpha, tau=tau, hold_steps=hold_steps, lr=lr, n_neurons=n_neurons,
     )
     elapsed = time.perf_counter() - start
     fig.clear()
@@ -138,12 +140,12 @@ def explore_dynamic(kernel_size: int = 3, gamma: float = 1e-2, alpha: float = 10
         return result
 
     sliders = {
-        "kernel_size": widgets.IntSlider(value=kernel_size, min=2, max=12, description="k"),
+        "kernel_size": widgets.IntSlider(value=kernel_size, min=2, max=10, description="k"),
         "gamma": widgets.FloatLogSlider(value=gamma, base=10, min=-5, max=0, description="gamma"),
         "alpha": widgets.FloatSlider(value=alpha, min=0.0, max=30.0, step=0.5,
                                      description="alpha"),
         "tau": widgets.FloatSlider(value=tau, min=2.0, max=100.0, step=1.0, description="tau"),
-        "hold_steps": widgets.IntSlider(value=hold_steps, min=50, max=500, step=10,
+        "hold_steps": widgets.IntSlider(value=hold_steps, min=100, max=500, step=10,
                                         description="hold"),
         "lr": widgets.FloatLogSlider(value=lr, base=10, min=-6, max=-2, description="lr"),
         "n_neurons": widgets.IntSlider(value=n_neurons, min=2, max=200, description="neurons"),
