@@ -252,7 +252,7 @@ def test_sleep_phase_acts_every_frequency_steps():
     assert not torch.equal(layer.weight, weight)
 
 
-def test_sleep_phase_inputs_depend_on_seed_and_step_only():
+def test_sleep_phase_seeded_by_step():
     expected = make_layer()
     share_weights_dynamically(expected, steps=5, batch_size=8,
                               generator=torch.Generator().manual_seed(phase_seed(11, 6)))
@@ -263,7 +263,7 @@ def test_sleep_phase_inputs_depend_on_seed_and_step_only():
         torch.manual_seed(global_seed)
         layer = make_layer()
         wrapper = nn.Module()
-        wrapper.module = layer  # stands in for DistributedDataParallel's .module
+        wrapper.module = layer  # the attribute DistributedDataParallel wraps a model in
         schedule(wrapper, 6)
         results.append(layer.weight.detach().clone())
 
