@@ -5,8 +5,9 @@ equations written as in the method description with full weight vectors. The tes
 check that the batched simulations in ``bpcnn.dynamics`` agree with them.
 
     python benchmarks/dynamics.py                   # 20,000 steps: batched grid vs loop
-    python benchmarks/dynamics.py --full            # also the paper's 1.5 million step grid
+    python benchmarks/dynamics.py --full            # also the grid at 1.5 million steps
     python benchmarks/dynamics.py --loop-configs 9  # time the loop on 9 configurations only
+    python benchmarks/dynamics.py --explorer        # redraw time of the notebook's sliders
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import logging
+import os
 import platform
 import time
 
@@ -88,7 +90,7 @@ def _stack_records(records):
 
 
 def time_grid(n_steps, kernel_sizes, gammas, n_trials, loop_configs):
-    """Time the batched grid and the loop; return seconds (batched, loop for the whole grid)."""
+    """Time the batched grid and the loop, and return (result, batched seconds, loop seconds)."""
     start = time.perf_counter()
     result = simulate_dynamic(kernel_sizes, gammas, n_trials, n_steps, record_every=1500)
     batched_s = time.perf_counter() - start
@@ -107,6 +109,31 @@ def time_grid(n_steps, kernel_sizes, gammas, n_trials, loop_configs):
     return result, batched_s, loop_s
 
 
+def time_explorer():
+    """Time one redraw of the notebook's explorer (simulation and rendering) at slider corners."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bpcnn.plots.dynamics import _draw_explorer
+
+    fig = plt.figure(figsize=(10, 3.8))
+    _draw_explorer(fig, 3, 1e-2, 10.0, 30.0, 150, 3e-4, 100, 1000, 3, 0)  # warm-up
+    fig.canvas.draw()
+    cases = [  # kernel size, neurons, steps, hold steps
+        (3, 100, 30_000, 150),  # the notebook's starting values
+        (10, 100, 30_000, 150),
+        (10, 200, 60_000, 100),  # the largest and slowest slider values
+    ]
+    for k, n_neurons, n_steps, hold in cases:
+        start = time.perf_counter()
+        _draw_explorer(fig, k, 1e-2, 10.0, 30.0, hold, 3e-4, n_neurons, n_steps, 3, 0)
+        fig.canvas.draw()
+        print(f"explorer k={k}, {n_neurons} neurons, {n_steps} steps, hold {hold}: "
+              f"{time.perf_counter() - start:.2f} s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20_000,
@@ -117,10 +144,15 @@ def main():
                              "(default 0: all of them)")
     parser.add_argument("--full", action="store_true",
                         help="also time the batched grid at 1,500,000 steps")
+    parser.add_argument("--explorer", action="store_true",
+                        help="time the notebook's explorer redraws instead of the grid")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(f"machine: {platform.processor() or platform.machine()}, "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"numpy {np.__version__}, python {platform.python_version()}")
+    if args.explorer:
+        time_explorer()
+        return
     kernel_sizes, gammas = (3, 6, 9), (1e-1, 1e-2, 1e-3)
     time_grid(args.steps, kernel_sizes, gammas, args.trials, args.loop_configs)
     if args.full:

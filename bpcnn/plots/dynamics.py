@@ -32,7 +32,7 @@ def plot_measure(ax, result: SimulationResult, kernel_index: int, measure: str =
     """Draw one measure against steps for each gamma of one kernel size.
 
     The line is the mean over trials and the shaded band spans the minimum to the maximum trial.
-    ``measure`` is "deviation", "snr" or "alignment"; the first two use log-log axes.
+    ``measure`` is "deviation", "snr" or "alignment", and the first two use log-log axes.
     """
     if measure not in _MEASURES:
         raise ValueError(f"measure must be one of {sorted(_MEASURES)}, got {measure!r}")
@@ -55,7 +55,7 @@ def plot_convergence(results: Sequence[SimulationResult], measure: str = "deviat
                      labels: Optional[Sequence[str]] = None):
     """Return a figure of ``measure`` with a row per result and a column per kernel size.
 
-    Pass ``[instant, dynamic]`` for the paper's comparison. ``labels`` name the rows in the
+    Pass ``[instant, dynamic]`` to compare the two simulations. ``labels`` name the rows in the
     panel titles and default to each result's kind.
     """
     results = list(results)
