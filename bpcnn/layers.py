@@ -167,10 +167,10 @@ class _LocallyConnectedRows(torch.autograd.Function):
         rows[:, top:top + height, left + width:].zero_()
         rows[:, top:top + height, left:left + width] = _to_row_layout(x, groups)
 
-        # (oh, ow, C_out, C_in/g, kh, kw) -> (g, kh, oh, Wp, C_out/g, kw, C_in/g); the Wp - ow extra
-        # columns only feed the dropped output columns.
+        # (oh, ow, C_out, C_in/g, kh, kw) -> (g, kh, oh, Wp, C_out/g, kw, C_in/g). The Wp - ow extra
+        # columns stay uninitialised: they only feed output columns and kernel gradients that are
+        # dropped, and every position is a separate GEMM, so even NaNs there reach nothing else.
         row_kernels = weight.new_empty(groups, kh, out_h, padded_w, out_per_group, kw, in_per_group)
-        row_kernels[:, :, :, out_w:].zero_()
         row_kernels[:, :, :, :out_w] = weight.view(
             out_h, out_w, groups, out_per_group, in_per_group, kh, kw
         ).permute(2, 5, 0, 1, 3, 6, 4)
@@ -217,10 +217,12 @@ class _LocallyConnectedRows(torch.autograd.Function):
                 for i in range(kh):
                     windows = _row_windows(rows[group], i, positions, kw)  # (P, kw * C_in/g, B)
                     torch.bmm(grad_pos, windows.transpose(1, 2), out=grad_kernels_flat[group, i])
-            # (g, kh, oh, ow, C_out/g, kw, C_in/g) -> (oh, ow, g, C_out/g, C_in/g, kh, kw)
-            grad_w = grad_kernels[:, :, :, :out_w].permute(2, 3, 0, 4, 6, 1, 5).reshape(
-                out_h, out_w, groups * out_per_group, in_per_group, kh, kw
-            )
+            # Two copies with long inner loops, several times faster than one 7D permute:
+            # (g, kh, oh, ow, C_out/g, kw, C_in/g) -> (oh, ow, g, C_out/g, kh, kw, C_in/g)
+            grad_w = grad_kernels[:, :, :, :out_w].permute(2, 3, 0, 4, 1, 5, 6).contiguous()
+            # -> (oh * ow * C_out, kh * kw, C_in/g) -> (oh * ow * C_out, C_in/g, kh * kw)
+            grad_w = grad_w.view(-1, kh * kw, in_per_group).transpose(1, 2).contiguous()
+            grad_w = grad_w.view(out_h, out_w, groups * out_per_group, in_per_group, kh, kw)
             del grad_kernels, grad_kernels_flat
 
         if need_x:
