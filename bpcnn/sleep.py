@@ -137,6 +137,14 @@ def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
+def _kernel_layout(layer: LocallyConnected2d) -> Tuple[int, int, int, int]:
+    """Return ``(groups, out_channels // groups, K, positions)``, K being the entries of one group's kernel."""
+    kh, kw = layer.kernel_size
+    out_h, out_w = layer.out_size
+    size = layer.in_channels // layer.groups * kh * kw
+    return layer.groups, layer.out_channels // layer.groups, size, out_h * out_w
+
+
 def _uses_permuted_patches(layer: LocallyConnected2d, period: Pair, exclude_border: bool) -> bool:
     """Return whether every pool's patch is a permutation of the pattern's pixels (the fast case)."""
     (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
@@ -201,11 +209,8 @@ def _sleep_pooled(
 ) -> None:
     """Run the sleep phase on a layer whose pools see permutations of one ``k x k`` pattern, border excluded."""
     weight = layer.kernels()
-    out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
-    groups = layer.groups
-    out_per_group = out_channels // groups
-    size = in_per_group * kh * kw
-    positions = out_h * out_w
+    out_h, out_w, _, in_per_group, kh, kw = weight.shape
+    groups, out_per_group, size, positions = _kernel_layout(layer)
     dtype = _compute_dtype(weight)
 
     ids, n_pools = pool_ids(layer, exclude_border=True)
@@ -260,11 +265,9 @@ def _sleep_per_position(
 ) -> None:
     """Run the sleep phase position by position: tile, respond, inhibit, update (any geometry)."""
     weight = layer.kernels()
-    out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
-    groups = layer.groups
-    out_per_group = out_channels // groups
-    size = in_per_group * kh * kw
-    positions = out_h * out_w
+    out_h, out_w = layer.out_size
+    kh, kw = layer.kernel_size
+    groups, out_per_group, size, positions = _kernel_layout(layer)
     dtype = _compute_dtype(weight)
 
     kernels = weight.detach().to(dtype).reshape(positions * groups, out_per_group, size).clone()
