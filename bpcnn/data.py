@@ -170,14 +170,29 @@ def epoch_generator(seed: int, epoch: int, salt: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7919 + salt)
 
 
+def shard_length(size: int, rank: int, world_size: int, train: bool) -> int:
+    """Return how many of ``size`` items process ``rank`` takes per epoch.
+
+    Training drops the last ``size % world_size`` items of each epoch's shuffled order, so every
+    process runs the same number of steps (DDP waits for every rank at each backward pass, and a
+    rank with one extra batch would hang the run). Evaluation keeps every item exactly once, so
+    shards may differ in length by one.
+    """
+    if train:
+        return size // world_size
+    return len(range(rank, size, world_size))
+
+
 class TensorLoader:
     """Batches from in-memory uint8 images, augmented per batch; optionally one shard of several processes.
 
     Training batches hold ``batch_size // n_repetitions`` distinct images, each repeated
     ``n_repetitions`` times with its own random translation. An epoch covers every training image
     once, so ``n_repetitions`` multiplies the iterations per epoch. With ``world_size > 1`` each
-    process takes every ``world_size``-th item of the epoch's order; evaluation shards are
-    disjoint and cover each image exactly once.
+    process takes every ``world_size``-th image of each global batch, with the augmentation the
+    single-process run would draw, so a global step gets the same data at any world size
+    (training drops the last ``len % world_size`` images of each epoch, see ``shard_length``).
+    Evaluation shards are disjoint and cover each image exactly once.
     """
 
     def __init__(
@@ -209,7 +224,7 @@ class TensorLoader:
     @property
     def num_samples(self) -> int:
         """Images this process sees per epoch (without repetitions)."""
-        return len(range(self.rank, len(self.labels), self.world_size))
+        return shard_length(len(self.labels), self.rank, self.world_size, self.train)
 
     def _distinct_per_batch(self) -> int:
         return max(1, self.batch_size // self.n_repetitions) if self.train else self.batch_size
@@ -219,25 +234,36 @@ class TensorLoader:
         return (self.num_samples + per_batch - 1) // per_batch
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        generator = epoch_generator(self.seed, self.epoch)
-        if self.train:
-            order = torch.randperm(len(self.labels), generator=generator)
-        else:
-            order = torch.arange(len(self.labels))
-        order = order[self.rank :: self.world_size]
         per_batch = self._distinct_per_batch()
-        for start in range(0, len(order), per_batch):
-            index = order[start : start + per_batch]
+        if not self.train:
+            order = torch.arange(len(self.labels))[self.rank :: self.world_size]
+            for start in range(0, len(order), per_batch):
+                index = order[start : start + per_batch]
+                yield self._normalise(self.images[index]), self.labels[index]
+            return
+
+        generator = epoch_generator(self.seed, self.epoch)
+        order = torch.randperm(len(self.labels), generator=generator)
+        order = order[: self.num_samples * self.world_size]
+        # Every process augments the whole global batch with the same random numbers as a
+        # single-process run, then keeps its share: every world_size-th image with its repetitions.
+        # So a step's images and augmentations do not depend on the world size.
+        global_batch = per_batch * self.world_size
+        for start in range(0, len(order), global_batch):
+            index = order[start : start + global_batch]
             images, labels = self.images[index], self.labels[index]
-            if self.train:
-                if self.n_repetitions > 1:
-                    images = images.repeat_interleave(self.n_repetitions, dim=0)
-                    labels = labels.repeat_interleave(self.n_repetitions, dim=0)
-                images = random_translate(images, self.padding, generator)
-                if self.flip:
-                    images = random_flip(images, generator)
-            images = (images.float() / 255.0 - self.mean) / self.std
-            yield images, labels
+            if self.n_repetitions > 1:
+                images = images.repeat_interleave(self.n_repetitions, dim=0)
+                labels = labels.repeat_interleave(self.n_repetitions, dim=0)
+            images = random_translate(images, self.padding, generator)
+            if self.flip:
+                images = random_flip(images, generator)
+            mine = torch.arange(len(index))[self.rank :: self.world_size]
+            rows = (mine[:, None] * self.n_repetitions + torch.arange(self.n_repetitions)).reshape(-1)
+            yield self._normalise(images[rows]), labels[rows]
+
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +317,12 @@ def _flatten_repeats(batch):
 
 
 class ShardSampler(Sampler[int]):
-    """Seeded per-epoch order, split across processes; evaluation shards are disjoint and not padded."""
+    """Seeded per-epoch order, split across processes like ``TensorLoader``'s.
+
+    With ``shuffle`` (training) it splits like ``torch.utils.data.DistributedSampler(drop_last=True)``:
+    equal shards, the last ``size % world_size`` items of the epoch's order dropped. Without it
+    (evaluation) shards are disjoint, not padded, and cover every item exactly once.
+    """
 
     def __init__(self, size: int, shuffle: bool, seed: int, rank: int, world_size: int) -> None:
         self.size, self.shuffle, self.seed = size, shuffle, seed
@@ -306,10 +337,10 @@ class ShardSampler(Sampler[int]):
             order = torch.randperm(self.size, generator=epoch_generator(self.seed, self.epoch)).tolist()
         else:
             order = list(range(self.size))
-        return iter(order[self.rank :: self.world_size])
+        return iter(order[self.rank :: self.world_size][: len(self)])
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.size, self.world_size))
+        return shard_length(self.size, self.rank, self.world_size, self.shuffle)
 
 
 class FolderLoader:
@@ -321,7 +352,7 @@ class FolderLoader:
         if self.n_repetitions > 1:
             dataset = Repeated(dataset, self.n_repetitions)
         self.sampler = ShardSampler(len(dataset), train, seed, rank, world_size)  # type: ignore[arg-type]
-        self.seed = seed
+        self.seed, self.rank = seed, rank
         self.generator = torch.Generator()
         self.loader = DataLoader(
             dataset, batch_size=max(1, batch_size // self.n_repetitions), sampler=self.sampler,
@@ -331,7 +362,9 @@ class FolderLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch * 7919 + 1)
+        # The DataLoader seeds its workers' augmentation from this generator. The rank is part of
+        # the seed so that workers of different processes draw different crops and flips.
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch * 7919 + 1 + 104_729 * self.rank)
 
     @property
     def num_samples(self) -> int:
@@ -435,6 +468,11 @@ def build_data(config: RunConfig, rank: int = 0, world_size: int = 1, pin_memory
     if config.batch_size % world_size:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world_size} processes")
     per_rank = config.batch_size // world_size
+    if per_rank % config.n_repetitions:
+        raise ValueError(
+            f"the per-process batch {per_rank} (batch_size {config.batch_size} / {world_size} processes) is not "
+            f"divisible by n_repetitions {config.n_repetitions}; choose a batch_size divisible by "
+            f"{world_size * config.n_repetitions}")
     root = default_root(config)
     mean, std = NORMALISATION[config.dataset]
     split_name = "validation" if config.training_mode == "validation" else "test"
