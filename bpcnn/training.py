@@ -118,16 +118,21 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Tuple[int, ...
 # Distributed helpers
 
 
-def distributed_context() -> Tuple[int, int, int]:
-    """Return ``(rank, world_size, local_rank)``; initialise the process group when launched by torchrun."""
+def distributed_context(device_type: Optional[str] = None) -> Tuple[int, int, int]:
+    """Return ``(rank, world_size, local_rank)``; initialise the process group when launched by torchrun.
+
+    torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``.
+    The backend is NCCL for ``device_type`` ``'cuda'`` (or, when it is None, whenever CUDA is
+    available) and gloo otherwise.
+    """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return 0, 1, 0
     world_size = int(os.environ["WORLD_SIZE"])
     if world_size == 1:
         return 0, 1, 0
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        use_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
 
 
@@ -142,6 +147,32 @@ def _all_reduce_sum(values: List[float], device: torch.device) -> List[float]:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process.
+
+    DDP broadcasts buffers at the start of each training forward pass, so after the epoch's last
+    pass every rank holds running statistics of its own batch. Broadcasting them once more makes
+    evaluation and the checkpoint use rank 0's statistics on every rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _check_same_on_all_ranks(value: int, what: str, device: torch.device) -> None:
+    """Raise ``RuntimeError`` on every rank if ``value`` differs between processes."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    extremes = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    highest, lowest = int(extremes[0]), -int(extremes[1])
+    if highest != lowest:
+        raise RuntimeError(
+            f"processes disagree on {what} (from {lowest} to {highest}); every node must see the same run "
+            f"folder, so put it on a shared filesystem or copy checkpoints/last.pt to every node")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -327,10 +358,13 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
     A run whose checkpoint already covers ``config.n_epochs`` epochs is reported as finished and
     not trained again.
     """
-    rank, world_size, local_rank = distributed_context()
+    device = resolve_device(config.device)
+    rank, world_size, local_rank = distributed_context(device.type)
     is_main = rank == 0
     show = (config.progress if progress is None else progress) and is_main
-    device = resolve_device(config.device)
+    if not is_main:
+        # Only rank 0 reports progress; other ranks log warnings and errors only.
+        logging.getLogger("bpcnn").setLevel(logging.WARNING)
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -357,16 +391,21 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
         _set_rng_state(state["rng"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         metrics = metrics[:start_epoch]
-        if start_epoch >= config.n_epochs:
-            log.info("run %s already finished (%d of %d epochs); not training again", run_dir, start_epoch, config.n_epochs)
-            return RunResult(run_dir, metrics, model, finished=True)
-        log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, step)
     elif metrics:
         log.warning("%s has metrics but no checkpoint; starting the run from scratch", run_dir)
         metrics = []
-
+    _check_same_on_all_ranks(start_epoch, "the epoch to resume from", device)
+    if start_epoch >= config.n_epochs:
+        log.info("run %s already finished (%d of %d epochs); not training again", run_dir, start_epoch, config.n_epochs)
+        return RunResult(run_dir, metrics, model, finished=True)
+    if start_epoch > 0:
+        log.info("resuming %s from epoch %d (step %d)", run_dir, start_epoch, step)
     wrapped: nn.Module = model
     if world_size > 1:
+        # NOTE: BatchNorm normalises over each process's batch (batch_size / world_size images),
+        # not over the global batch, so runs with different world sizes differ in their BatchNorm
+        # statistics. nn.SyncBatchNorm would remove that difference, but in torch 2.14 it rejects
+        # CPU tensors, so it could not be tested here and is not used.
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -380,10 +419,13 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
         record, step = train_one_epoch(wrapped, data.train, optimizer, scaler, device, config.amp, sharing, step,
                                        progress=show, description=f"epoch {epoch + 1}")
         scheduler.step()
+        _broadcast_buffers(model)
         record = {"epoch": epoch + 1, "step": step, "lr": lr, **record}
         if (epoch + 1) % config.stat_report_frequency == 0 or epoch + 1 == config.n_epochs:
             tick = time.perf_counter()
-            result = evaluate(wrapped, data.evaluation, device, config.amp)
+            # The unwrapped model: DDP's forward may synchronise buffers, a collective call that
+            # hangs when evaluation shards differ in their number of batches.
+            result = evaluate(model, data.evaluation, device, config.amp)
             record.update({"eval_split": data.evaluation_split, "eval_loss": result["loss"],
                            "eval_top1": result["top1"], "eval_top5": result["top5"],
                            "eval_seconds": time.perf_counter() - tick})
@@ -396,6 +438,7 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
                  "-" if record["eval_top1"] is None else f"{record['eval_top1']:.4f}", record["train_seconds"],
                  record["sharing_seconds"])
 
+        _barrier()
         if is_main:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch + 1,
