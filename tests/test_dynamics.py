@@ -182,6 +182,31 @@ def test_dynamic_rejects_invalid_arguments(kwargs, message):
         simulate_dynamic(**arguments)
 
 
+def test_explorer_sliders_rerun_simulation(monkeypatch):
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from bpcnn.plots import dynamics as plots
+
+    calls = []
+
+    def recording_simulation(*args, **kwargs):
+        calls.append((args, kwargs))
+        return simulate_dynamic(*args, **kwargs)
+
+    monkeypatch.setattr(plots, "simulate_dynamic", recording_simulation)
+    sliders = plots.explore_dynamic(n_steps=1500, n_trials=2)
+    sliders["gamma"].value = 1e-3
+    sliders["hold_steps"].value = 200
+
+    assert len(calls) == 3
+    assert calls[1][0][1] == (pytest.approx(1e-3),)
+    assert calls[2][1]["hold_steps"] == 200
+    assert calls[2][1]["record_every"] % 200 == 0
+    assert plots.explore_dynamic(n_steps=1500, n_trials=1, interactive=False) == {}
+
+
 def test_notebook_runs_under_papermill(tmp_path):
     papermill = pytest.importorskip("papermill")
     output = tmp_path / "out.ipynb"

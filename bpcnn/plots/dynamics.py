@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 _MEASURES = {
     "deviation": ("deviation", "deviation  (w - w_mean)^2 / w_mean^2"),
-    "snr": ("snr", "SNR  w_mean^2 / (w - w_mean)^2"),
+    "snr": ("snr", "SNR  1 / deviation"),
     "alignment": ("alignment", "cosine(mean w, mean w_init)"),
 }
 
@@ -122,22 +122,24 @@ def explore_dynamic(kernel_size: int = 3, gamma: float = 1e-2, alpha: float = 10
 
     The figure for the given values is displayed first as a static image, so a headless run
     (papermill, nbconvert) keeps it. With ``interactive`` and ipywidgets installed, sliders
-    below it rerun the simulation and update the image in place. Returns the first result.
+    below it rerun the simulation and update the image in place. Returns the sliders by
+    parameter name, or an empty dict when there are none.
     """
-    from IPython.display import display
+    from IPython.display import DisplayHandle, display
 
     fig = plt.figure(figsize=(10, 3.8), constrained_layout=True)
     plt.close(fig)  # keeps the inline backend from drawing it a second time
-    result = _draw_explorer(fig, kernel_size, gamma, alpha, tau, hold_steps, lr, n_neurons,
-                            n_steps, n_trials, seed)
-    handle = display(fig, display_id=True)
+    _draw_explorer(fig, kernel_size, gamma, alpha, tau, hold_steps, lr, n_neurons, n_steps,
+                   n_trials, seed)
+    handle = DisplayHandle()  # display(..., display_id=True) returns None outside IPython
+    handle.display(fig)
     if not interactive:
-        return result
+        return {}
     try:
         import ipywidgets as widgets
     except ImportError:
         logger.warning("ipywidgets is not installed, so the explorer shows a static figure")
-        return result
+        return {}
 
     sliders = {
         "kernel_size": widgets.IntSlider(value=kernel_size, min=2, max=10, description="k"),
@@ -162,4 +164,4 @@ def explore_dynamic(kernel_size: int = 3, gamma: float = 1e-2, alpha: float = 10
         slider.continuous_update = False
         slider.observe(redraw, names="value")
     display(widgets.VBox([widgets.HBox(list(sliders.values())[i:i + 4]) for i in (0, 4)]))
-    return result
+    return sliders
