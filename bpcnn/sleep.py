@@ -13,12 +13,12 @@ How this module computes it fast, without changing the rule: every neuron of poo
 same patch ``x_P``, so the pool's mean response is the response of the pool's mean kernel. Hence
 ``d_p = (w_p - mean_P w) . x_P``, the pool mean of the kernels never moves, and one step maps the
 deviation ``D_p = w_p - mean_P w`` to ``D_p (I - lr * x_P^T x_P / B) - lr * gamma * (D_p - D_p0)``.
-With period ``k`` and a dilation coprime to ``k``, ``x_P`` is a fixed permutation of the pixels of
-one ``k x k`` pattern per channel, so after permuting each kernel's entries all pools see the same
-input. The whole phase then is one chain of small matrix products driven by the sampled patterns:
-the same random draws and the same stochastic update as the plain formulation, not its
-expectation. Other settings (another period, a dilation sharing a factor with ``k``, or border
-neurons kept in the pools) run the plain per-position formulation.
+So each pool runs one chain of small matrix products driven by the sampled patterns: the same
+random draws and the same stochastic update as the plain formulation, not its expectation. With
+period ``k`` and a dilation coprime to ``k``, every ``x_P`` is a permutation of the pixels of one
+``k x k`` pattern per channel, and after permuting each kernel's entries all pools share a single
+chain. Only border neurons kept in the pools (``exclude_border=False``) need the plain
+per-position formulation, because their patches are partly zero padding.
 """
 
 from __future__ import annotations
@@ -49,20 +49,19 @@ def phase_seed(seed: int, step: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def _tiling_period(layer: LocallyConnected2d, period: Optional[int]) -> Pair:
-    if period is None:
-        return layer.kernel_size
-    kh, kw = layer.kernel_size
-    if period < max(kh, kw):
+def tiling_period(layer: LocallyConnected2d, period_increase: int = 0) -> Pair:
+    """Return the sleep-phase tiling period ``(T_h, T_w)``: the kernel size plus ``period_increase``."""
+    if period_increase < 0:
         raise ValueError(
-            f"sleep-phase period must be at least the kernel size {layer.kernel_size}, got {period}: "
-            f"with a shorter period a receptive field sees repeated pixels and kernel entries cannot be told apart"
+            f"sleep-phase period increase must be >= 0, got {period_increase}: with a period shorter than "
+            f"the kernel a receptive field sees repeated pixels and kernel entries cannot be told apart"
         )
-    return period, period
+    kh, kw = layer.kernel_size
+    return kh + period_increase, kw + period_increase
 
 
 def sleep_pool_ids(
-    layer: LocallyConnected2d, period: Optional[int] = None, exclude_border: bool = True
+    layer: LocallyConnected2d, period_increase: int = 0, exclude_border: bool = True
 ) -> Tuple[torch.Tensor, int]:
     """Return the pool index of every position ``(out_h, out_w)`` and the number of pools for a tiling period.
 
@@ -71,10 +70,11 @@ def sleep_pool_ids(
     multiple of ``T``, so the pools are the residues modulo ``T / gcd(T, s)``. With
     ``exclude_border`` positions whose receptive field touches the padding get index -1.
     """
-    if period is None:
+    if period_increase == 0:
         return pool_ids(layer, exclude_border=exclude_border)
-    (sh, sw), (out_h, out_w) = layer.stride, layer.out_size
-    period_h, period_w = period // math.gcd(period, sh), period // math.gcd(period, sw)
+    (period_h, period_w), (sh, sw) = tiling_period(layer, period_increase), layer.stride
+    period_h, period_w = period_h // math.gcd(period_h, sh), period_w // math.gcd(period_w, sw)
+    out_h, out_w = layer.out_size
     ids = (torch.arange(out_h) % period_h)[:, None] * period_w + (torch.arange(out_w) % period_w)[None, :]
     if exclude_border:
         ids = torch.where(interior_mask(layer), ids, torch.full_like(ids, -1))
@@ -117,13 +117,13 @@ def tile_patterns(patterns: torch.Tensor, in_size: Pair, offset: Pair = (0, 0)) 
     return patterns[:, :, rows][:, :, :, cols]
 
 
-def pool_deviation(layer: LocallyConnected2d, period: Optional[int] = None, exclude_border: bool = True) -> float:
+def pool_deviation(layer: LocallyConnected2d, period_increase: int = 0, exclude_border: bool = True) -> float:
     """Return the root-mean-square distance of the pooled kernels from their pool means.
 
     Only positions that belong to a pool count (with ``exclude_border``, the interior ones).
     Returns 0 when no position belongs to a pool.
     """
-    ids, n_pools = sleep_pool_ids(layer, period, exclude_border)
+    ids, n_pools = sleep_pool_ids(layer, period_increase, exclude_border)
     member = (ids >= 0).to(layer.weight.device)
     if not bool(member.any()):
         return 0.0
@@ -145,45 +145,60 @@ def _kernel_layout(layer: LocallyConnected2d) -> Tuple[int, int, int, int]:
     return layer.groups, layer.out_channels // layer.groups, size, out_h * out_w
 
 
-def _uses_permuted_patches(layer: LocallyConnected2d, period: Pair, exclude_border: bool) -> bool:
-    """Return whether every pool's patch is a permutation of the pattern's pixels (the fast case)."""
+def _uses_permuted_patches(layer: LocallyConnected2d, period: Pair) -> bool:
+    """Return whether every pool's patch is a permutation of the pattern's pixels, so one chain serves all pools."""
     (kh, kw), (dh, dw) = layer.kernel_size, layer.dilation
-    return (
-        exclude_border
-        and period == (kh, kw)
-        and math.gcd(dh, kh) == 1
-        and math.gcd(dw, kw) == 1
-    )
+    return period == (kh, kw) and math.gcd(dh, kh) == 1 and math.gcd(dw, kw) == 1
 
 
-def _anti_hebbian_chain(
-    state: torch.Tensor,
-    patterns: Iterator[torch.Tensor],
-    lr: float,
-    gamma: float,
-) -> torch.Tensor:
-    """Run ``S <- S (I - lr * X^T X / B) - lr * gamma * (S - S_0)`` once for each ``X`` in ``patterns``.
+def _anti_hebbian_step(state: torch.Tensor, anchor: torch.Tensor, x: torch.Tensor, lr: float, gamma: float) -> None:
+    """Update ``S <- S (I - lr * X^T X / B) - lr * gamma * (S - anchor)`` in place.
 
-    ``state`` ``S`` is ``(g, R, K)`` or ``(R, K)``, and every ``X`` is ``(g, B, K)`` or ``(B, K)``
-    to match, one row per input of the batch. Returns the final state as a new tensor.
+    ``state`` ``S`` is ``(..., R, K)`` and ``x`` ``X`` is ``(..., B, K)``, one row per input of the
+    batch, with matching leading dimensions.
     """
-    anchor = state
-    state = state.clone()
-    decay = 1.0 - lr * gamma
-    for x in patterns:
-        batch, size = x.shape[-2], x.shape[-1]
-        rows = state.shape[-2]
-        if size * size * (rows + batch) < 2 * rows * size * batch:
-            # Small K: multiply by the batch covariance X^T X, (..., K, K).
-            correction = torch.matmul(state, torch.matmul(x.transpose(-1, -2), x))  # (..., R, K)
+    batch, size = x.shape[-2], x.shape[-1]
+    rows = state.shape[-2]
+    if size * size * (rows + batch) < 2 * rows * size * batch:
+        # Small K: multiply by the batch covariance X^T X, (..., K, K).
+        correction = torch.matmul(state, torch.matmul(x.transpose(-1, -2), x))  # (..., R, K)
+    else:
+        responses = torch.matmul(state, x.transpose(-1, -2))  # (..., R, B)
+        correction = torch.matmul(responses, x)  # (..., R, K)
+    state.mul_(1.0 - lr * gamma)
+    if gamma:
+        state.add_(anchor, alpha=lr * gamma)
+    state.add_(correction, alpha=-lr / batch)
+
+
+class _PoolChain:
+    """The chain of one pool (or of all pools at once, on permuted kernels) through the sleep phase.
+
+    The chain runs on the deviations ``(g, R, K)`` themselves, or, when they have more rows ``R``
+    than ``K``, on the identity ``(g, K, K)``, whose final value then multiplies the deviations once.
+    """
+
+    def __init__(self, deviation: torch.Tensor, pixels: Optional[torch.Tensor]) -> None:
+        groups, rows, size = deviation.shape
+        self.deviation = deviation
+        self.pixels = pixels  # pattern pixel of every kernel entry, (K,), or None for all pixels in order
+        self.on_identity = size < rows
+        if self.on_identity:
+            identity = torch.eye(size, dtype=deviation.dtype, device=deviation.device)
+            self.anchor = identity.expand(groups, size, size)
         else:
-            responses = torch.matmul(state, x.transpose(-1, -2))  # (..., R, B)
-            correction = torch.matmul(responses, x)  # (..., R, K)
-        state.mul_(decay)
-        if gamma:
-            state.add_(anchor, alpha=lr * gamma)
-        state.add_(correction, alpha=-lr / batch)
-    return state
+            self.anchor = deviation
+        self.state = self.anchor.clone()
+
+    def step(self, x: torch.Tensor, lr: float, gamma: float) -> None:
+        """Apply one step for patterns ``x`` ``(g, B, n)`` over all pattern pixels."""
+        if self.pixels is not None:
+            x = x.index_select(-1, self.pixels)  # (g, B, K)
+        _anti_hebbian_step(self.state, self.anchor, x, lr, gamma)
+
+    def result(self) -> torch.Tensor:
+        """Return the final deviations ``(g, R, K)``."""
+        return torch.matmul(self.deviation, self.state) if self.on_identity else self.state
 
 
 def _pattern_batches(
@@ -203,18 +218,22 @@ def _pattern_batches(
 def _sleep_pooled(
     layer: LocallyConnected2d,
     patterns: Iterator[torch.Tensor],
+    period: Pair,
     offset: Pair,
     lr: float,
     gamma: float,
 ) -> None:
-    """Run the sleep phase on a layer whose pools see permutations of one ``k x k`` pattern, border excluded."""
+    """Run the sleep phase pool by pool on a layer whose border neurons are excluded from the pools."""
     weight = layer.kernels()
     out_h, out_w, _, in_per_group, kh, kw = weight.shape
     groups, out_per_group, size, positions = _kernel_layout(layer)
     dtype = _compute_dtype(weight)
+    period_h, period_w = period
+    n_pixels = in_per_group * period_h * period_w  # pattern pixels per group
 
-    ids, n_pools = pool_ids(layer, exclude_border=True)
-    members = torch.nonzero(ids.reshape(-1) >= 0).squeeze(1).to(weight.device)  # (M,)
+    ids, n_pools = sleep_pool_ids(layer, period_h - kh, exclude_border=True)
+    flat_ids = ids.reshape(-1).to(weight.device)
+    members = torch.nonzero(flat_ids >= 0).squeeze(1)  # (M,)
     if members.numel() == 0:
         log.debug("sleep phase: %s has no interior positions, nothing to share", layer)
         return
@@ -224,33 +243,46 @@ def _sleep_pooled(
     means = means.index_select(0, members)  # (M, g, C_out/g, K)
     deviation = kernels.reshape(positions, groups, out_per_group, size).index_select(0, members) - means
 
-    # Pattern pixel read by entry (c, a, b) of each position's kernel: c*kh*kw + rows[h, a]*kw + cols[w, b].
-    rows, cols = pattern_rows(layer, (kh, kw), offset)  # (out_h, kh), (out_w, kw)
-    pixel = rows[:, None, :, None] * kw + cols[None, :, None, :]  # (out_h, out_w, kh, kw)
-    channel_base = torch.arange(in_per_group)[:, None] * (kh * kw)  # (C_in/g, 1)
+    # Pattern pixel read by kernel entry (c, a, b) of each position: c*T_h*T_w + rows[h, a]*T_w + cols[w, b].
+    rows, cols = pattern_rows(layer, period, offset)  # (out_h, kh), (out_w, kw)
+    pixel = rows[:, None, :, None] * period_w + cols[None, :, None, :]  # (out_h, out_w, kh, kw)
+    channel_base = torch.arange(in_per_group)[:, None] * (period_h * period_w)  # (C_in/g, 1)
     index = (channel_base[None] + pixel.reshape(positions, 1, kh * kw)).reshape(positions, size)  # (L, K)
-    index = index.to(weight.device).index_select(0, members)[:, None, None, :].expand_as(deviation)
-
-    # Re-index every kernel by pattern pixel, so that all positions see the same input x: E_p x = D_p x_P.
-    permuted = torch.empty_like(deviation).scatter_(-1, index, deviation)  # (M, g, C_out/g, K)
-    n_members = members.numel()
-    permuted = permuted.permute(1, 0, 2, 3).reshape(groups, n_members * out_per_group, size)  # (g, R, K)
+    index = index.to(weight.device).index_select(0, members)  # (M, K)
 
     def group_major(x: torch.Tensor) -> torch.Tensor:
-        # (B, C_in, kh, kw) -> (B, g, K) -> (g, B, K)
-        return x.reshape(x.shape[0], groups, size).transpose(0, 1).contiguous()
+        # (B, C_in, T_h, T_w) -> (B, g, n) -> (g, B, n)
+        return x.reshape(x.shape[0], groups, n_pixels).transpose(0, 1).contiguous()
 
-    batches = (group_major(x) for x in patterns)
-    if size < permuted.shape[1]:
-        # Fewer pattern pixels than kernel rows: run the chain on the identity and apply it once.
-        identity = torch.eye(size, dtype=dtype, device=weight.device).expand(groups, size, size)
-        permuted = torch.bmm(permuted, _anti_hebbian_chain(identity, batches, lr, gamma))
+    if _uses_permuted_patches(layer, period):
+        # Re-index every kernel by pattern pixel, so that all positions see the same input x: E_p x = D_p x_P.
+        expanded = index[:, None, None, :].expand_as(deviation)
+        permuted = torch.empty_like(deviation).scatter_(-1, expanded, deviation)  # (M, g, C_out/g, K)
+        permuted = permuted.permute(1, 0, 2, 3).reshape(groups, -1, size)  # (g, M * C_out/g, K)
+        chain = _PoolChain(permuted, pixels=None)
+        for x in patterns:
+            chain.step(group_major(x), lr, gamma)
+        # (g, M * C_out/g, K) -> (M, g, C_out/g, K), back to each kernel's own entry order.
+        permuted = chain.result().reshape(groups, -1, out_per_group, size).permute(1, 0, 2, 3)
+        deviation = permuted.gather(-1, expanded)
     else:
-        permuted = _anti_hebbian_chain(permuted, batches, lr, gamma)
+        member_pools = flat_ids.index_select(0, members)  # (M,)
+        chains = []
+        for pool in torch.unique(member_pools).tolist():
+            rows_of_pool = torch.nonzero(member_pools == pool).squeeze(1)
+            # (n_P, g, C_out/g, K) -> (g, n_P * C_out/g, K)
+            block = deviation.index_select(0, rows_of_pool).permute(1, 0, 2, 3).reshape(groups, -1, size)
+            chains.append((rows_of_pool, _PoolChain(block, pixels=index[rows_of_pool[0]])))
+        for x in patterns:
+            x = group_major(x)
+            for _, chain in chains:
+                chain.step(x, lr, gamma)
+        for rows_of_pool, chain in chains:
+            block = chain.result().reshape(groups, -1, out_per_group, size).permute(1, 0, 2, 3)
+            deviation.index_copy_(0, rows_of_pool, block)
 
-    # (g, M * C_out/g, K) -> (M, g, C_out/g, K), back to each kernel's own entry order.
-    permuted = permuted.reshape(groups, n_members, out_per_group, size).permute(1, 0, 2, 3)
-    shared = means + permuted.gather(-1, index)
+    shared = means + deviation
+    n_members = members.numel()
     weight.view(positions, -1).index_copy_(0, members, shared.reshape(n_members, -1).to(weight.dtype))
 
 
@@ -298,22 +330,22 @@ def share_weights_dynamically(
     generator: Optional[torch.Generator] = None,
     random_offset: bool = False,
     exclude_border: bool = True,
-    period: Optional[int] = None,
+    period_increase: int = 0,
     algorithm: str = "auto",
 ) -> int:
     """Run one sleep phase on every LC layer of ``module``; return the number of layers processed.
 
-    Each of ``steps`` steps draws ``batch_size`` random standard-normal patterns of size
-    ``period x period`` (default: the kernel size) per input channel, tiles them over the layer's
-    input size, and applies the anti-Hebbian update with lateral inhibition within each pool::
+    Each of ``steps`` steps draws ``batch_size`` random standard-normal ``k x k`` patterns per input
+    channel (``k`` the kernel size), tiles them over the layer's input size, and applies the
+    anti-Hebbian update with lateral inhibition within each pool::
 
         z_p = w_p . x_p ;  d_p = z_p - mean_{q in pool(p)} z_q
         w_p <- w_p - lr * ( mean_batch(d_p x_p) + gamma * (w_p - w_p at the start of the phase) )
 
     Pools are the positions that see identical input (``bpcnn.sharing.pool_ids``), which holds for
-    any stride and groups. With ``exclude_border`` (the default, as in the reference) positions
-    whose receptive field touches the zero padding belong to no pool and do not change. The bias is
-    not touched, because ``z`` has no bias term. Repeated phases converge to
+    any stride, dilation and groups. With ``exclude_border`` (the default, as in the reference)
+    positions whose receptive field touches the zero padding belong to no pool and do not change.
+    The bias is not touched, because ``z`` has no bias term. Repeated phases converge to
     ``share_weights_instantly`` over the same pools, border excluded.
 
     Args:
@@ -324,21 +356,23 @@ def share_weights_dynamically(
             equal hardware (every rank of a distributed run). ``None`` means a new generator seeded
             with 0, so repeated calls without one feed the same inputs.
         random_offset: shift the tiling by a random ``(oy, ox)`` per layer and phase. The pools stay
-            the same: the shift only changes which pattern pixel lands on which kernel entry, and
-            the pattern pixels are independent and identically distributed, so the update has the
-            same distribution with or without the shift. It does not make adjacent positions share
-            (``benchmarks/sleep_phase.py`` measures this); a longer ``period`` does.
-        period: tiling period in pixels, at least the kernel size. With period ``T`` the pools are
-            the residues modulo ``T / gcd(T, stride)``, so alternating phases of period ``k`` and
-            ``k + 1`` link every interior position to every other one over time.
-        algorithm: ``'auto'`` computes the update pool by pool on permuted kernels where the
-            geometry allows (period = kernel size, dilation coprime with it, border excluded) and
-            position by position otherwise; ``'per_position'`` always uses the per-position
+            the same, because positions ``k`` apart still see equal inputs and neighbours still
+            see cyclically shifted ones. The shift only changes which pattern pixel lands on which
+            kernel entry, and the pattern pixels are independent and identically distributed, so
+            the update has the same distribution with or without it. It does not make adjacent
+            positions share (``benchmarks/sleep_phase.py`` measures this). ``period_increase`` does.
+        period_increase: tile with period ``k + period_increase``. With period ``T`` the pools are
+            the residues modulo ``T / gcd(T, stride)``, so phases alternating between increases 0
+            and 1 link every interior position to every other one (``SleepPhase(alternate_period=True)``).
+            This goes beyond the reference, whose lateral connections are fixed: the pools change
+            between phases.
+        algorithm: ``'auto'`` computes the update pool by pool when border neurons are excluded and
+            position by position otherwise. ``'per_position'`` always uses the per-position
             formulation. Both give the same weights up to rounding.
 
     Raises:
-        ValueError: on a non-positive ``steps``, ``batch_size`` or ``lr``, a negative ``gamma``, a
-            non-CPU generator, a period shorter than a layer's kernel, or an unknown ``algorithm``.
+        ValueError: on a negative ``steps``, ``gamma`` or ``period_increase``, a ``batch_size``
+            below 1, a non-positive ``lr``, a non-CPU generator or an unknown ``algorithm``.
     """
     if steps < 0:
         raise ValueError(f"sleep-phase steps must be >= 0, got {steps}")
@@ -363,16 +397,16 @@ def share_weights_dynamically(
         log.warning("sleep phase: %s contains no LocallyConnected2d layer, nothing to share", type(module).__name__)
         return 0
     for name, layer in layers:
-        tiling = _tiling_period(layer, period)
-        offset = draw_offset(layer, tiling, generator) if random_offset else (0, 0)
+        period = tiling_period(layer, period_increase)
+        offset = draw_offset(layer, period, generator) if random_offset else (0, 0)
         dtype = _compute_dtype(layer.weight)
-        patterns = _pattern_batches(layer, tiling, steps, batch_size, generator, layer.weight.device, dtype)
-        if algorithm == "auto" and _uses_permuted_patches(layer, tiling, exclude_border):
-            _sleep_pooled(layer, patterns, offset, lr, gamma)
+        patterns = _pattern_batches(layer, period, steps, batch_size, generator, layer.weight.device, dtype)
+        if algorithm == "auto" and exclude_border:
+            _sleep_pooled(layer, patterns, period, offset, lr, gamma)
         else:
-            ids, n_pools = sleep_pool_ids(layer, period, exclude_border)
+            ids, n_pools = sleep_pool_ids(layer, period_increase, exclude_border)
             _sleep_per_position(layer, patterns, offset, ids, n_pools, lr, gamma)
-        log.debug("sleep phase: layer %r, %d steps, offset %s", name or "layer", steps, offset)
+        log.debug("sleep phase: layer %r, %d steps, period %s, offset %s", name or "layer", steps, period, offset)
     return len(layers)
 
 
@@ -382,7 +416,9 @@ class SleepPhase:
     The training loop calls the instance after every optimiser step with the 1-based global step
     count. The phase's random inputs come from a generator seeded by ``phase_seed(seed, step)``,
     so every rank of a distributed run draws the same inputs, the global RNG is left untouched,
-    and a resumed run repeats the phases it would have run.
+    and a resumed run repeats the phases it would have run. With ``alternate_period`` every
+    other phase tiles with period ``k + 1`` instead of ``k``, so that over many phases all interior
+    positions, not only those ``k`` apart, come to share.
     """
 
     def __init__(
@@ -395,6 +431,7 @@ class SleepPhase:
         random_offset: bool = False,
         seed: Optional[int] = 0,
         exclude_border: bool = True,
+        alternate_period: bool = False,
     ) -> None:
         if frequency < 1:
             raise ValueError(f"weight sharing frequency must be >= 1 iteration, got {frequency}")
@@ -411,11 +448,13 @@ class SleepPhase:
         self.random_offset = random_offset
         self.seed = 0 if seed is None else seed
         self.exclude_border = exclude_border
+        self.alternate_period = alternate_period
 
     def __call__(self, model: nn.Module, step: int) -> bool:
         if step % self.frequency:
             return False
         generator = torch.Generator().manual_seed(phase_seed(self.seed, step))
+        phase = step // self.frequency
         share_weights_dynamically(
             unwrap(model),
             steps=self.steps,
@@ -425,11 +464,13 @@ class SleepPhase:
             generator=generator,
             random_offset=self.random_offset,
             exclude_border=self.exclude_border,
+            period_increase=phase % 2 if self.alternate_period else 0,
         )
         return True
 
     def __repr__(self) -> str:
         return (
             f"SleepPhase(frequency={self.frequency}, steps={self.steps}, batch_size={self.batch_size}, "
-            f"lr={self.lr}, gamma={self.gamma}, random_offset={self.random_offset}, seed={self.seed})"
+            f"lr={self.lr}, gamma={self.gamma}, random_offset={self.random_offset}, seed={self.seed}, "
+            f"alternate_period={self.alternate_period})"
         )

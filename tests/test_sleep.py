@@ -77,8 +77,8 @@ def reference_update(layer: LocallyConnected2d, steps: int, batch_size: int, lr:
 @pytest.mark.parametrize("geometry", [
     dict(),
     dict(in_size=16, stride=2),
-    dict(padding=0, in_size=9, stride=3),
-    dict(padding=2, dilation=2),
+    dict(padding=0, in_size=15, stride=3),
+    dict(padding=2, in_size=12, dilation=2),
     dict(kernel_size=(3, 2), padding=(1, 0)),
 ])
 def test_sleep_equals_reference_restatement(geometry):
@@ -186,19 +186,19 @@ def test_model_without_lc_layers_warns(caplog):
 @pytest.mark.parametrize("geometry", [
     dict(),
     dict(in_size=16, stride=2),
-    dict(padding=0, in_size=9, stride=3),
-    dict(padding=2, dilation=2),
+    dict(padding=0, in_size=15, stride=3),
+    dict(padding=2, in_size=12, dilation=2),
     dict(in_channels=4, out_channels=6, groups=2),
     dict(in_channels=4, out_channels=4, groups=4),
     dict(kernel_size=1, padding=0),
     dict(kernel_size=(3, 2), padding=(1, 0)),
     dict(in_size=(8, 11), stride=(1, 2)),
 ])
-@pytest.mark.parametrize("random_offset", [False, True])
-def test_pooled_equals_per_position(geometry, random_offset):
+@pytest.mark.parametrize("random_offset, period_increase", [(False, 0), (True, 0), (True, 1)])
+def test_pooled_equals_per_position(geometry, random_offset, period_increase):
     pooled = make_layer(**geometry)
     per_position = make_layer(**geometry)
-    settings = dict(steps=15, batch_size=8, gamma=0.01, random_offset=random_offset)
+    settings = dict(steps=15, batch_size=8, gamma=0.01, random_offset=random_offset, period_increase=period_increase)
 
     share_weights_dynamically(pooled, generator=torch.Generator().manual_seed(5), **settings)
     share_weights_dynamically(per_position, generator=torch.Generator().manual_seed(5),
@@ -283,14 +283,44 @@ def test_random_offset_keeps_pools():
 
 def test_longer_period_pools_positions_period_apart():
     layer = make_layer(in_channels=2, out_channels=2, in_size=12)
-    start = pool_deviation(layer, period=4)
-    share_weights_dynamically(layer, steps=50, batch_size=32, period=4, generator=torch.Generator().manual_seed(0))
+    start = pool_deviation(layer, period_increase=1)
+    share_weights_dynamically(layer, steps=50, batch_size=32, period_increase=1,
+                              generator=torch.Generator().manual_seed(0))
 
-    ids, n_pools = sleep_pool_ids(layer, period=4)
+    ids, n_pools = sleep_pool_ids(layer, period_increase=1)
     assert n_pools == 16
     assert int(ids[1, 1]) == int(ids[5, 5])
-    assert pool_deviation(layer, period=4) < start / 10
+    assert pool_deviation(layer, period_increase=1) < start / 10
     assert pool_deviation(layer) > start / 10  # positions 3 apart are no longer pooled together
+
+
+def adjacent_deviation(layer: LocallyConnected2d) -> float:
+    """Return the RMS difference between horizontally adjacent interior kernels."""
+    interior = pool_ids(layer, exclude_border=True)[0] >= 0
+    kernels = layer.weight.detach()
+    pairs = interior[:, 1:] & interior[:, :-1]
+    return float((kernels[:, 1:] - kernels[:, :-1])[pairs].pow(2).mean().sqrt())
+
+
+@pytest.mark.parametrize("alternate_period, random_offset, reduction", [
+    (False, False, 1.0),
+    (False, True, 1.0),
+    (True, False, 1e-2),
+])
+def test_adjacent_positions_share_only_with_alternating_period(alternate_period, random_offset, reduction):
+    layer = make_layer(in_channels=2, out_channels=2, in_size=10)
+    start = adjacent_deviation(layer)
+    schedule = SleepPhase(frequency=1, steps=50, batch_size=32, random_offset=random_offset,
+                          alternate_period=alternate_period)
+
+    for step in range(1, 11):
+        schedule(layer, step)
+
+    if reduction < 1:
+        assert adjacent_deviation(layer) < start * reduction
+    else:
+        # Pooling only positions k apart leaves neighbours apart: their pool means differ.
+        assert adjacent_deviation(layer) > start / 10
 
 
 # --- invalid settings ---------------------------------------------------------------------------
@@ -300,7 +330,7 @@ def test_longer_period_pools_positions_period_apart():
     (dict(batch_size=0), "batch size must be >= 1"),
     (dict(lr=0.0), "learning rate must be > 0"),
     (dict(gamma=-1.0), "gamma"),
-    (dict(period=2), "period must be at least the kernel size"),
+    (dict(period_increase=-1), "period increase must be >= 0"),
     (dict(algorithm="closed_form"), "algorithm must be"),
 ])
 def test_invalid_settings_raise(settings, message):
