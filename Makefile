@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
-PAPERMILL := $(BIN)/papermill --kernel bpcnn
+PAPERMILL := $(BIN)/papermill --kernel python3
 
 .PHONY: install test demo figures dynamics-figures benchmarks clean
 
@@ -17,7 +17,6 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet $(TORCH_PIN)
 	$(BIN)/pip install --quiet -e '.[test,notebooks]'
-	$(BIN)/python -m ipykernel install --sys-prefix --name bpcnn --display-name "bpcnn (.venv)" >/dev/null
 	touch $@
 
 install: $(VENV)/.installed
@@ -37,6 +36,11 @@ fashion-mnist:
 
 demo: install fashion-mnist
 	$(BIN)/python -m bpcnn demo --runs-dir runs/demo --figure figures/demo_fashion_mnist.png
+
+# Reruns both convergence simulations on the full grid and rewrites figures/dynamics_*.png.
+dynamics-figures: install
+	mkdir -p runs/dynamics
+	$(PAPERMILL) --cwd notebooks notebooks/weight_sharing_dynamics.ipynb runs/dynamics/weight_sharing_dynamics.ipynb
 
 clean:
 	rm -rf $(VENV) .pytest_cache
