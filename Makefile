@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 PAPERMILL := $(BIN)/papermill --kernel python3
 
-.PHONY: install test demo figures dynamics-figures benchmarks clean
+.PHONY: install test fashion-mnist demo figures dynamics-figures clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -1,9 +1,10 @@
 """One dataclass describes a training run; CLI flags, notebook parameters and the saved run config all map onto it.
 
 Field names follow the reference code's flags (``--is-locally-connected`` is ``is_locally_connected``),
-so its command lines work unchanged under ``python -m bpcnn train``. Defaults are the paper's
-CIFAR protocol (AdamW, batch 512, lr 0.01, weight decay 1e-4, 200 epochs, lr x0.25 at epochs 100
-and 150) on Fashion-MNIST, the dataset that is available everywhere.
+so its command lines work unchanged under ``python -m bpcnn train``. Defaults are the CIFAR
+protocol of Pogodin et al. (NeurIPS 2021): AdamW, batch 512, lr 0.01, weight decay 1e-4, 200
+epochs, lr x0.25 at epochs 100 and 150. The default dataset is Fashion-MNIST because Debian
+packages it, so it needs no download.
 """
 
 from __future__ import annotations
