@@ -6,14 +6,16 @@ Convolutional Networks", NeurIPS 2021 (arXiv 2106.13031), use such layers as the
 plausible stand-in for convolutions.
 
 The weight is stored position-major, ``(out_h, out_w, out_channels, in_channels // groups, kh, kw)``,
-so that the forward pass is one batched matrix product over output positions and
-``LocallyConnected2d.kernels()`` is a view of the parameter.
+and ``LocallyConnected2d.kernels()`` is a view of the parameter. The forward and backward passes
+run as one batched matrix product over output positions per kernel row, on activations copied
+to a batch-innermost layout (see ``_LocallyConnectedRows``); no patch tensor is materialised for
+stride-1 layers.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -100,20 +102,27 @@ def extract_patches(
     return windows.permute(2, 3, 0, 1, 4, 5).reshape(out_h * out_w, batch, channels * kh * kw)
 
 
-def _row_windows(rows: torch.Tensor, first_row: int, positions: int, kernel_w: int) -> torch.Tensor:
+def _row_windows(
+    rows: torch.Tensor, first_row: int, positions: int, kernel_w: int, first_col: int = 0
+) -> torch.Tensor:
     """View ``kernel_w`` consecutive pixels of a row-layout image as one matrix per position.
 
     ``rows`` is ``(R, Wp, C, B)`` contiguous, so the pixels ``(y, z) .. (y, z + kernel_w - 1)`` form one
     contiguous ``(kernel_w * C, B)`` matrix. Position ``p`` of the result starts at flat pixel
-    ``first_row * Wp + p``; positions past the end of a row wrap into the next row, which is why the
-    callers give every buffer spare rows and discard (or zero) the wrapped positions.
+    ``first_row * Wp + first_col + p``. Positions past the end of a row wrap into the next row, so
+    callers give every buffer a spare row and drop (or zero) the wrapped positions.
     """
     _, width, channels, batch = rows.shape
     return rows.as_strided(
         (positions, kernel_w * channels, batch),
         (channels * batch, batch, 1),
-        rows.storage_offset() + first_row * width * channels * batch,
+        rows.storage_offset() + (first_row * width + first_col) * channels * batch,
     )
+
+
+def _row_blocks(n_rows: int, row_by_row: bool) -> List[Tuple[int, int]]:
+    """Return ``(first row, row count)`` of the blocks of output (or input) rows that share one ``bmm``."""
+    return [(row, 1) for row in range(n_rows)] if row_by_row else [(0, n_rows)]
 
 
 def _to_row_layout(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -137,27 +146,33 @@ def _from_row_layout(rows: torch.Tensor) -> torch.Tensor:
 
 
 class _LocallyConnectedRows(torch.autograd.Function):
-    """Stride-1, dilation-1 locally connected layer computed as ``kh`` batched GEMMs per group.
+    """Stride-1, dilation-1 locally connected layer computed as batched GEMMs, one per kernel row.
 
-    Activations are copied once into a "row layout" ``(H + pads + 1, Wp, C, B)`` (batch innermost).
-    In that layout the ``kw`` pixels a kernel row covers are one contiguous ``(kw * C, B)`` matrix,
-    so every kernel row is a single ``torch.bmm`` over output positions and no patch tensor is
-    materialised. Output positions run over a grid ``oh x Wp`` (the padded width), so that
-    positions have a uniform stride; the ``Wp - ow`` extra columns per row are computed and dropped.
-    The input gradient is the same computation run on the zero-padded output gradient with the
-    kernels flipped and moved to the input positions they touch, which avoids a col2im fold.
+    Activations are copied once into a "row layout" ``(g, Hp + 1, Wp, C/g, B)``, batch innermost,
+    where ``Hp, Wp`` is the padded size. In that layout the ``kw`` pixels a kernel row covers are
+    one contiguous ``(kw * C/g, B)`` matrix, so a kernel row is one ``torch.bmm`` over output
+    positions and no patch tensor is materialised. A ``bmm`` needs one stride between positions:
+    either one call covers all output rows on an ``oh x Wp`` grid, whose ``Wp - ow`` extra columns per
+    row are computed and dropped, or (``row_by_row``) one call per output row computes only real
+    positions. The input gradient is the same computation run on the zero-padded output gradient with
+    the kernels flipped and moved to the input pixels they touch, which avoids a col2im fold.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, padding: Tuple[int, int, int, int], groups: int
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        padding: Tuple[int, int, int, int],
+        groups: int,
+        row_by_row: bool,
     ) -> torch.Tensor:
         top, bottom, left, right = padding
         batch, in_channels, height, width = x.shape
         out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
         out_per_group = out_channels // groups
         padded_h, padded_w = height + top + bottom, width + left + right
-        positions = out_h * padded_w
+        grid_w = out_w if row_by_row else padded_w  # output columns computed per row
 
         # (B, C, H, W) -> (g, H, W, C/g, B) inside a zero frame: (g, padded_h + 1, padded_w, C/g, B).
         rows = x.new_empty(groups, padded_h + 1, padded_w, in_per_group, batch)
@@ -167,33 +182,39 @@ class _LocallyConnectedRows(torch.autograd.Function):
         rows[:, top:top + height, left + width:].zero_()
         rows[:, top:top + height, left:left + width] = _to_row_layout(x, groups)
 
-        # (oh, ow, C_out, C_in/g, kh, kw) -> (g, kh, oh, Wp, C_out/g, kw, C_in/g). The Wp - ow extra
-        # columns stay uninitialised: they only feed output columns and kernel gradients that are
-        # dropped, and every position is a separate GEMM, so even NaNs there reach nothing else.
-        row_kernels = weight.new_empty(groups, kh, out_h, padded_w, out_per_group, kw, in_per_group)
+        # (oh, ow, C_out, C_in/g, kh, kw) -> (g, kh, oh, grid_w, C_out/g, kw, C_in/g). Columns past ow
+        # stay uninitialised: they only feed output columns and kernel gradients that are dropped,
+        # and every position is a separate GEMM, so even NaNs there reach nothing else.
+        row_kernels = weight.new_empty(groups, kh, out_h, grid_w, out_per_group, kw, in_per_group)
         row_kernels[:, :, :, :out_w] = weight.view(
             out_h, out_w, groups, out_per_group, in_per_group, kh, kw
         ).permute(2, 5, 0, 1, 3, 6, 4)
-        row_kernels_flat = row_kernels.view(groups, kh, positions, out_per_group, kw * in_per_group)
 
-        out = x.new_empty(groups, positions, out_per_group, batch)
+        out = x.new_empty(groups, out_h, grid_w, out_per_group, batch)
         for group in range(groups):
-            torch.bmm(row_kernels_flat[group, 0], _row_windows(rows[group], 0, positions, kw), out=out[group])
-            for i in range(1, kh):
-                out[group].baddbmm_(row_kernels_flat[group, i], _row_windows(rows[group], i, positions, kw))
+            for first, count in _row_blocks(out_h, row_by_row):
+                positions = count * grid_w
+                target = out[group, first:first + count].view(positions, out_per_group, batch)
+                for i in range(kh):
+                    # (P, C_out/g, kw * C_in/g) @ (P, kw * C_in/g, B) -> (P, C_out/g, B)
+                    kernels = row_kernels[group, i, first:first + count].view(positions, out_per_group, -1)
+                    windows = _row_windows(rows[group], first + i, positions, kw)
+                    if i == 0:
+                        torch.bmm(kernels, windows, out=target)
+                    else:
+                        target.baddbmm_(kernels, windows)
 
         ctx.save_for_backward(rows, row_kernels)
-        ctx.geometry = (padding, groups, (height, width), (out_h, out_w))
-        return _from_row_layout(out.view(groups, out_h, padded_w, out_per_group, batch)[:, :, :out_w])
+        ctx.geometry = (padding, groups, row_by_row, (height, width), (out_h, out_w))
+        return _from_row_layout(out[:, :, :out_w])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
         rows, row_kernels = ctx.saved_tensors
-        (top, _, left, _), groups, (height, width), (out_h, out_w) = ctx.geometry
-        _, kh, _, padded_w, out_per_group, kw, in_per_group = row_kernels.shape
-        padded_h = rows.shape[1] - 1
-        batch = rows.shape[-1]
-        positions = out_h * padded_w
+        (top, _, left, _), groups, row_by_row, (height, width), (out_h, out_w) = ctx.geometry
+        _, kh, _, grid_w, out_per_group, kw, in_per_group = row_kernels.shape
+        _, padded_h, padded_w, _, batch = rows.shape
+        padded_h -= 1
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
 
         # The output gradient in row layout, with kh - 1 zero rows above and kw - 1 zero columns left
@@ -207,23 +228,26 @@ class _LocallyConnectedRows(torch.autograd.Function):
 
         grad_x = grad_w = None
         if need_w:
-            # Output position p = r * Wp + c sits at flat pixel p + (kh - 1) * Wp + (kw - 1) of grad_rows.
             grad_kernels = row_kernels.new_empty(row_kernels.shape)
-            grad_kernels_flat = grad_kernels.view(groups, kh, positions, out_per_group, kw * in_per_group)
             for group in range(groups):
-                grad_pos = grad_rows[group].view(-1, out_per_group, batch)[
-                    (kh - 1) * padded_w + kw - 1:(kh - 1) * padded_w + kw - 1 + positions
-                ]  # (P, C_out/g, B)
-                for i in range(kh):
-                    windows = _row_windows(rows[group], i, positions, kw)  # (P, kw * C_in/g, B)
-                    torch.bmm(grad_pos, windows.transpose(1, 2), out=grad_kernels_flat[group, i])
+                grad_flat = grad_rows[group].view(-1, out_per_group, batch)  # (pixels, C_out/g, B)
+                for first, count in _row_blocks(out_h, row_by_row):
+                    positions = count * grid_w
+                    # Output pixel (r, c) sits at grad_rows pixel (r + kh - 1, c + kw - 1).
+                    start = (first + kh - 1) * padded_w + kw - 1
+                    grad_block = grad_flat[start:start + positions]  # (P, C_out/g, B)
+                    for i in range(kh):
+                        # (P, C_out/g, B) @ (P, B, kw * C_in/g) -> (P, C_out/g, kw * C_in/g)
+                        windows = _row_windows(rows[group], first + i, positions, kw)
+                        target = grad_kernels[group, i, first:first + count].view(positions, out_per_group, -1)
+                        torch.bmm(grad_block, windows.transpose(1, 2), out=target)
             # Two copies with long inner loops, several times faster than one 7D permute:
             # (g, kh, oh, ow, C_out/g, kw, C_in/g) -> (oh, ow, g, C_out/g, kh, kw, C_in/g)
             grad_w = grad_kernels[:, :, :, :out_w].permute(2, 3, 0, 4, 1, 5, 6).contiguous()
+            del grad_kernels
             # -> (oh * ow * C_out, kh * kw, C_in/g) -> (oh * ow * C_out, C_in/g, kh * kw)
             grad_w = grad_w.view(-1, kh * kw, in_per_group).transpose(1, 2).contiguous()
             grad_w = grad_w.view(out_h, out_w, groups * out_per_group, in_per_group, kh, kw)
-            del grad_kernels, grad_kernels_flat
 
         if need_x:
             # Input pixel Y (padded coordinates) receives kernel row i of output row Y - i. The kernels
@@ -241,26 +265,28 @@ class _LocallyConnectedRows(torch.autograd.Function):
                 (kh * step_i, step_i + step_y, step_y, step_z, step_z - step_j, in_per_group, 1),
                 (kw - 1) * step_j,
             ).copy_(row_kernels[:, :, :, :out_w].transpose(4, 5))
-            # Only input rows top .. top + H - 1 are needed: (g, kh, H * Wp, kw * C_out/g, C_in/g).
-            moved_flat = moved[:, :, top:top + height].reshape(
-                groups, kh, height * padded_w, kw * out_per_group, in_per_group
-            )
-            grad_x_rows = grad_out.new_empty(groups, height * padded_w, in_per_group, batch)
-            for group in range(groups):
-                for i in range(kh):
-                    kernels_t = moved_flat[group, i].transpose(1, 2)  # (H * Wp, C_in/g, kw * C_out/g)
-                    # Output row Y - i sits in grad_rows row Y - i + kh - 1.
-                    windows = _row_windows(grad_rows[group], top + kh - 1 - i, height * padded_w, kw)
-                    if i == 0:
-                        torch.bmm(kernels_t, windows, out=grad_x_rows[group])
-                    else:
-                        grad_x_rows[group].baddbmm_(kernels_t, windows)
-            del moved, moved_flat
-            grad_x = _from_row_layout(
-                grad_x_rows.view(groups, height, padded_w, in_per_group, batch)[:, :, left:left + width]
-            )  # (B, C_in, H, W)
 
-        return grad_x, grad_w, None, None
+            # Row by row, only the real input columns are computed; otherwise all Wp columns.
+            first_col, x_grid_w = (left, width) if row_by_row else (0, padded_w)
+            grad_x_rows = grad_out.new_empty(groups, height, x_grid_w, in_per_group, batch)
+            for group in range(groups):
+                for first, count in _row_blocks(height, row_by_row):
+                    positions = count * x_grid_w
+                    target = grad_x_rows[group, first:first + count].view(positions, in_per_group, batch)
+                    for i in range(kh):
+                        # (P, C_in/g, kw * C_out/g) @ (P, kw * C_out/g, B) -> (P, C_in/g, B)
+                        kernels = moved[group, i, top + first:top + first + count, first_col:first_col + x_grid_w]
+                        kernels = kernels.reshape(positions, kw * out_per_group, in_per_group).transpose(1, 2)
+                        # Output row Y - i sits in grad_rows row Y - i + kh - 1.
+                        windows = _row_windows(grad_rows[group], top + first + kh - 1 - i, positions, kw, first_col)
+                        if i == 0:
+                            torch.bmm(kernels, windows, out=target)
+                        else:
+                            target.baddbmm_(kernels, windows)
+            del moved
+            grad_x = _from_row_layout(grad_x_rows[:, :, left - first_col:left - first_col + width])
+
+        return grad_x, grad_w, None, None, None
 
 
 def locally_connected2d(
@@ -271,6 +297,7 @@ def locally_connected2d(
     padding: Union[IntPair, Tuple[int, int, int, int]] = 0,
     dilation: IntPair = 1,
     groups: int = 1,
+    row_by_row: Optional[bool] = None,
 ) -> torch.Tensor:
     """Apply a locally connected layer, the functional counterpart of ``F.conv2d``.
 
@@ -284,6 +311,9 @@ def locally_connected2d(
         weight: per-position kernels ``(out_h, out_w, C_out, C_in // groups, kh, kw)``.
         bias: per-position bias ``(out_h, out_w, C_out)`` or None.
         padding: an int, a pair ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``.
+        row_by_row: issue one GEMM call per output row, computing only real positions, instead of one
+            call over a grid that includes ``kw - 1`` dropped columns per row (plus the padding).
+            None (the default) chooses row by row when those columns are over 10% of the grid.
 
     Returns:
         ``(B, C_out, out_h, out_w)``.
@@ -308,6 +338,11 @@ def locally_connected2d(
             f"times groups={groups}"
         )
 
+    if row_by_row is None:
+        # Only the kernel-rows path drops columns (kw - 1 per row); the 1x1 paths have none.
+        dropped = kw - 1 if stride_hw == (1, 1) and dilation_hw == (1, 1) else 0
+        row_by_row = dropped * 10 > out_w + dropped
+
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -317,9 +352,9 @@ def locally_connected2d(
             # A 1x1 kernel reads one pixel: pad, subsample, and run a 1x1 stride-1 layer.
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             x = x[:, :, ::stride_hw[0], ::stride_hw[1]][:, :, :out_h, :out_w]
-            out = _LocallyConnectedRows.apply(x, weight, (0, 0, 0, 0), groups)
+            out = _LocallyConnectedRows.apply(x, weight, (0, 0, 0, 0), groups, row_by_row)
         elif stride_hw == (1, 1) and dilation_hw == (1, 1):
-            out = _LocallyConnectedRows.apply(x, weight, pads, groups)
+            out = _LocallyConnectedRows.apply(x, weight, pads, groups, row_by_row)
         else:
             # Gather patches: (B, C_in * kh * kw, oh * ow), channels ordered (C_in, kh, kw) as in the
             # weight, so the weight is a free view as 1x1 kernels over C_in/g * kh * kw channels.
@@ -327,7 +362,7 @@ def locally_connected2d(
             patches = F.unfold(x, (kh, kw), dilation=dilation_hw, stride=stride_hw)
             patches = patches.view(x.shape[0], -1, out_h, out_w)
             kernels_1x1 = weight.reshape(out_h, out_w, out_channels, in_per_group * kh * kw, 1, 1)
-            out = _LocallyConnectedRows.apply(patches, kernels_1x1, (0, 0, 0, 0), groups)
+            out = _LocallyConnectedRows.apply(patches, kernels_1x1, (0, 0, 0, 0), groups, row_by_row)
     if bias is not None:
         out = out + bias.permute(2, 0, 1).to(out.dtype)
     return out

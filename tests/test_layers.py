@@ -80,6 +80,37 @@ def test_forward_backward_match_conv(case: tuple) -> None:
         torch.testing.assert_close(layer_grads[2].sum((0, 1)), conv_grads[2], msg="bias gradient")
 
 
+@pytest.mark.parametrize("row_by_row", [False, True], ids=["grid", "row_by_row"])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(kernel_size=3, padding=1, size=(6, 7)),
+        dict(kernel_size=(2, 4), padding=(0, 2), size=(5, 4), groups=2),
+        dict(kernel_size=1, stride=2, size=(5, 6)),
+        dict(kernel_size=3, stride=2, padding=1, size=(7, 6)),
+    ],
+    ids=["3x3", "2x4_groups", "1x1_stride2", "3x3_stride2"],
+)
+def test_gemm_schedules_match_conv(geometry: dict, row_by_row: bool) -> None:
+    torch.manual_seed(0)
+    geometry = dict(geometry)
+    size = geometry.pop("size")
+    conv = nn.Conv2d(4, 6, dtype=torch.float64, **geometry)
+    layer = LocallyConnected2d.from_conv(conv, size)
+    x = torch.randn(3, 4, *size, dtype=torch.float64, requires_grad=True)
+    actual = locally_connected2d(
+        x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups, row_by_row=row_by_row
+    )
+    expected = conv(x)
+    torch.testing.assert_close(actual, expected)
+
+    grad_out = torch.randn_like(expected)
+    conv_grads = torch.autograd.grad(expected, [x, conv.weight], grad_out)
+    layer_grads = torch.autograd.grad(actual, [x, layer.weight], grad_out)
+    torch.testing.assert_close(layer_grads[0], conv_grads[0], msg="input gradient")
+    torch.testing.assert_close(layer_grads[1].sum((0, 1)), conv_grads[1], msg="kernel gradient")
+
+
 def test_position_kernels_are_independent() -> None:
     torch.manual_seed(0)
     layer = LocallyConnected2d(3, 4, 3, (6, 5), padding=1, dtype=torch.float64)
@@ -94,6 +125,7 @@ def test_position_kernels_are_independent() -> None:
 
 GRADCHECK_CASES = {
     "kernel_rows": dict(kernel_size=3, padding=1),
+    "kernel_rows_grid": dict(kernel_size=3, padding=(1, 0), row_by_row=False),
     "kernel_rows_groups_asymmetric": dict(kernel_size=(2, 3), padding="same", groups=2),
     "1x1_stride2": dict(kernel_size=1, stride=2, padding=1),
     "unfold_stride2": dict(kernel_size=3, stride=2, padding=1),
@@ -104,11 +136,15 @@ GRADCHECK_CASES = {
 @pytest.mark.parametrize("name", list(GRADCHECK_CASES))
 def test_gradcheck_float64(name: str) -> None:
     torch.manual_seed(0)
-    layer = LocallyConnected2d(2, 2, in_size=(3, 4), dtype=torch.float64, **GRADCHECK_CASES[name])  # type: ignore[arg-type]
+    geometry = dict(GRADCHECK_CASES[name])
+    row_by_row = geometry.pop("row_by_row", None)
+    layer = LocallyConnected2d(2, 2, in_size=(3, 4), dtype=torch.float64, **geometry)  # type: ignore[arg-type]
     x = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
 
     def apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return locally_connected2d(x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return locally_connected2d(
+            x, weight, bias, layer.stride, layer.padding, layer.dilation, layer.groups, row_by_row=row_by_row
+        )
 
     assert torch.autograd.gradcheck(apply, (x, layer.weight, layer.bias))
 
