@@ -1,4 +1,4 @@
-"""Command line: ``python -m bpcnn train|demo ...`` (also under ``torchrun``)."""
+"""Command line: ``python -m bpcnn train|demo|sweep ...`` (also under ``torchrun``)."""
 
 from __future__ import annotations
 
@@ -76,6 +76,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    import signal
+
+    from .sweep import default_workers, expand, format_outcomes, format_plan, load_sweep, plan, run_sweep
+
+    sweep = load_sweep(Path(args.file))
+    runs_dir = Path(args.runs_dir)
+    if args.dry_run:
+        print(format_plan(plan(expand(sweep, runs_dir, args.only))))
+        return 0
+    workers = args.workers if args.workers is not None else default_workers()
+    # SIGTERM (a scheduler preempting the job) stops the papermill processes like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        outcomes = run_sweep(sweep, runs_dir, only=args.only, workers=workers)
+    except KeyboardInterrupt:
+        print("sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
+    print(format_outcomes(outcomes))
+    return 0 if all(outcome.state == "finished" for outcome in outcomes) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bpcnn", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -92,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--figure", default="figures/demo_fashion_mnist.png", help="where to save the accuracy figure")
     demo.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: Debian's package folder)")
     demo.set_defaults(handler=_demo)
+
+    sweep = commands.add_parser("sweep", help="execute the training notebook for every variant and seed of a sweep file")
+    sweep.add_argument("file", help="sweep file (YAML), e.g. sweeps/fashion_mnist_cpu.yaml")
+    sweep.add_argument("--runs-dir", default="runs", help="parent folder of the sweep's folder of runs (default: runs)")
+    sweep.add_argument("--only", nargs="+", metavar="NAME", help="run only these variants or runs (<variant>_seed<seed>)")
+    sweep.add_argument("--dry-run", action="store_true", help="list each run and whether it is new, resumed or finished")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="runs executed at once (default: one per visible GPU, or 1 without GPUs)")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 
