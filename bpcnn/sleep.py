@@ -11,8 +11,9 @@ shrinks what is left, pulling every kernel toward its pool's mean::
 
 How this module computes it fast, without changing the rule: every neuron of pool ``P`` sees the
 same patch ``x_P``, so the pool's mean response is the response of the pool's mean kernel. Hence
-``d_p = (w_p - mean_P w) . x_P``, the pool mean of the kernels never moves, and one step maps the
-deviation ``D_p = w_p - mean_P w`` to ``D_p (I - lr * x_P^T x_P / B) - lr * gamma * (D_p - D_p0)``.
+``d_p = (w_p - mean_P w) . x_P``, and the pool mean of the kernels does not move (the code keeps
+it fixed exactly). One step maps the deviation ``D_p = w_p - mean_P w`` to
+``D_p (I - lr * x_P^T x_P / B) - lr * gamma * (D_p - D_p0)``.
 So each pool runs one chain of small matrix products driven by the sampled patterns: the same
 random draws and the same stochastic update as the plain formulation, not its expectation. With
 period ``k`` and a dilation coprime to ``k``, every ``x_P`` is a permutation of the pixels of one
