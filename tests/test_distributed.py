@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import pytest
 import torch
@@ -60,15 +60,16 @@ def _with_groupnorm(*args, **kwargs) -> nn.Module:
     return model
 
 
-def _train_worker(rank: int, world_size: int, port: int, config: Dict[str, Any], out: str, groupnorm: bool) -> None:
-    """Train ``config`` as one rank of a gloo group; save this rank's weights, metrics and evaluation."""
+def _train_worker(rank: int, world_size: int, port: int, configs: List[Dict[str, Any]], out: str,
+                  groupnorm: bool) -> None:
+    """Train ``configs[rank]`` as one rank of a gloo group; save this rank's weights, metrics and evaluation."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if groupnorm:
         training.resnet_cifar = _with_groupnorm
     try:
-        run_config = RunConfig.from_dict(config)
+        run_config = RunConfig.from_dict(configs[rank])
         result = train(run_config)
         shard = build_data(run_config, rank, world_size).evaluation
         summary = evaluate(result.model, shard, torch.device("cpu"))
@@ -78,10 +79,10 @@ def _train_worker(rank: int, world_size: int, port: int, config: Dict[str, Any],
         dist.destroy_process_group()
 
 
-def _spawn_two(config: RunConfig, out: Path, groupnorm: bool = False) -> list:
-    """Run ``_train_worker`` on two processes; return each rank's saved results."""
-    context = mp.spawn(_train_worker, args=(2, _free_port(), config.to_dict(), str(out), groupnorm), nprocs=2,
-                       join=False)
+def _spawn_two(config: RunConfig, out: Path, groupnorm: bool = False, rank1_config: Optional[RunConfig] = None) -> list:
+    """Run ``_train_worker`` on two processes (rank 1 with ``rank1_config`` if given); return each rank's results."""
+    configs = [config.to_dict(), (rank1_config or config).to_dict()]
+    context = mp.spawn(_train_worker, args=(2, _free_port(), configs, str(out), groupnorm), nprocs=2, join=False)
     deadline = time.monotonic() + WORKER_TIMEOUT_S
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
@@ -204,6 +205,16 @@ def test_two_ranks_match_one_process(mnist_root, tmp_path, monkeypatch):
         assert not torch.allclose(value, initial[name], atol=1e-4), f"{name} did not train"
         torch.testing.assert_close(two_ranks[0]["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
     assert [r["step"] for r in two_ranks[0]["metrics"]] == [r["step"] for r in one_rank.metrics] == [8, 16]
+
+
+@pytest.mark.slow
+def test_ranks_resuming_different_epochs_raise(mnist_root, tmp_path):
+    # Two nodes without a shared filesystem: rank 0 finds a checkpoint of epoch 1, rank 1 none.
+    train(_config(mnist_root, tmp_path / "rank0", n_epochs=1))
+    with pytest.raises(Exception, match="processes disagree on the epoch to resume from"):
+        _spawn_two(_config(mnist_root, tmp_path / "rank0"), tmp_path,
+                   rank1_config=_config(mnist_root, tmp_path / "rank1"))
+    assert not (tmp_path / "rank1" / "checkpoints").exists()
 
 
 # --- the command line under torchrun -----------------------------------------------------------
