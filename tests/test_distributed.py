@@ -1,7 +1,7 @@
 """Distributed training: two gloo processes on 127.0.0.1, launched by torch.multiprocessing or torchrun.
 
-The runs are tiny (ResNet-8 of width 4, 64 MNIST-format images) so that the whole file stays
-within about two minutes on two CPU cores.
+The runs are tiny (ResNet-8 of width 4, 64 MNIST-format images): the file needs about 70 s of CPU
+time, most of it spent starting Python processes that import torch.
 """
 
 from __future__ import annotations
