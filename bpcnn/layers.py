@@ -175,11 +175,8 @@ class _LocallyConnectedRows(torch.autograd.Function):
         grid_w = out_w if row_by_row else padded_w  # output columns computed per row
 
         # (B, C, H, W) -> (g, H, W, C/g, B) inside a zero frame: (g, padded_h + 1, padded_w, C/g, B).
-        rows = x.new_empty(groups, padded_h + 1, padded_w, in_per_group, batch)
-        rows[:, :top].zero_()
-        rows[:, top + height:].zero_()
-        rows[:, top:top + height, :left].zero_()
-        rows[:, top:top + height, left + width:].zero_()
+        # One memset of the whole buffer beats four thin border fills on the CPU.
+        rows = x.new_zeros(groups, padded_h + 1, padded_w, in_per_group, batch)
         rows[:, top:top + height, left:left + width] = _to_row_layout(x, groups)
 
         # (oh, ow, C_out, C_in/g, kh, kw) -> (g, kh, oh, grid_w, C_out/g, kw, C_in/g). Columns past ow
@@ -220,10 +217,7 @@ class _LocallyConnectedRows(torch.autograd.Function):
         # The output gradient in row layout, with kh - 1 zero rows above and kw - 1 zero columns left
         # of every row: (g, padded_h + kh, Wp, C_out/g, B). Since ow + kw - 1 == Wp, the data fills
         # each interior row to its end, and reads past a row's end wrap into the next row's zeros.
-        grad_rows = grad_out.new_empty(groups, padded_h + kh, padded_w, out_per_group, batch)
-        grad_rows[:, :kh - 1].zero_()
-        grad_rows[:, kh - 1 + out_h:].zero_()
-        grad_rows[:, kh - 1:kh - 1 + out_h, :kw - 1].zero_()
+        grad_rows = grad_out.new_zeros(groups, padded_h + kh, padded_w, out_per_group, batch)
         grad_rows[:, kh - 1:kh - 1 + out_h, kw - 1:] = _to_row_layout(grad_out, groups)
 
         grad_x = grad_w = None
@@ -312,8 +306,10 @@ def locally_connected2d(
         bias: per-position bias ``(out_h, out_w, C_out)`` or None.
         padding: an int, a pair ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``.
         row_by_row: issue one GEMM call per output row, computing only real positions, instead of one
-            call over a grid that includes ``kw - 1`` dropped columns per row (plus the padding).
-            None (the default) chooses row by row when those columns are over 10% of the grid.
+            call over a grid that includes ``kw - 1`` dropped columns per row. None (the default)
+            chooses row by row when those columns are over a quarter of the grid, because every
+            call is a parallel region: on a 2-core CPU shared with other jobs, one call per row of
+            an 8x8 map ran 1.4x (best of 11) to 2x (median) slower than the grid with its 20% dropped columns.
 
     Returns:
         ``(B, C_out, out_h, out_w)``.
@@ -341,7 +337,7 @@ def locally_connected2d(
     if row_by_row is None:
         # Only the kernel-rows path drops columns (kw - 1 per row); the 1x1 paths have none.
         dropped = kw - 1 if stride_hw == (1, 1) and dilation_hw == (1, 1) else 0
-        row_by_row = dropped * 10 > out_w + dropped
+        row_by_row = dropped * 4 > out_w + dropped
 
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
