@@ -7,6 +7,7 @@ reaches at least 85% test accuracy on the full Fashion-MNIST test set.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -16,24 +17,26 @@ log = logging.getLogger(__name__)
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 
-# Shared by the three runs: ResNet-8 of width 8 trained on 12,000 images for 4 epochs.
+# Shared by the three runs: ResNet-8 of width 8 trained on 24,000 images for 3 epochs, the learning
+# rate divided by 4 for the last one. Calibrated on a 2-core CPU: the conv run alone reached 84.4%
+# with 2 pixels of padding, so the demo pads by 1 pixel to fit more in 3 epochs.
 DEMO_PARAMETERS: Dict[str, Any] = {
     "dataset": "FashionMNIST",
     "experiment": "resnet_cifar",
     "resnet_n": 1,
     "width": 8,
-    "n_epochs": 4,
+    "n_epochs": 3,
     "batch_size": 128,
     "optimizer": "AdamW",
     "lr": 0.01,
     "weight_decay": 1e-4,
-    "epoch_decrease_lr": [3],
-    "subset": 12000,
+    "epoch_decrease_lr": [2],
+    "subset": 24000,
     "seed": 0,
     "device": "cpu",
 }
 # The evaluation always uses the full test set: subset only limits the training images.
-DEMO_EXTRA = {"subset_evaluation": False}
+DEMO_EXTRA = {"subset_evaluation": False, "image_padding": 1}
 
 # (label, run folder name, notebook parameters)
 DEMO_VARIANTS: List[Tuple[str, str, Dict[str, Any]]] = [
@@ -61,6 +64,7 @@ def run_demo(runs_dir: Path, figure: Path, data_root: Optional[str] = None) -> s
 
     from .plots import plot_accuracy_comparison
 
+    start = time.perf_counter()
     runs: Dict[str, list] = {}
     for name, folder_name, variant in DEMO_VARIANTS:
         folder = runs_dir / folder_name
@@ -70,8 +74,10 @@ def run_demo(runs_dir: Path, figure: Path, data_root: Optional[str] = None) -> s
         execute_notebook(folder / "train.ipynb", parameters)
         runs[name] = read_metrics(folder)
 
+    wall_seconds = time.perf_counter() - start
     figure.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_accuracy_comparison(runs, title="Fashion-MNIST, ResNet-8 (width 8)")
+    fig = plot_accuracy_comparison(
+        runs, title="Fashion-MNIST: ResNet-8 (width 8), 24,000 training images, full test set")
     fig.savefig(figure, dpi=130)
     plt.close(fig)
 
@@ -80,5 +86,6 @@ def run_demo(runs_dir: Path, figure: Path, data_root: Optional[str] = None) -> s
         final = [m for m in metrics if m.get("eval_top1") is not None][-1]
         seconds = sum(m["train_seconds"] + m["sharing_seconds"] for m in metrics)
         lines.append(f"| {name} | {100 * final['eval_top1']:.2f} | {seconds:.0f} |")
+    lines.append(f"\nwall time of the demo: {wall_seconds / 60:.1f} minutes; figure: {figure}")
     return "\n".join(lines)
 
