@@ -42,5 +42,18 @@ dynamics-figures: install
 	mkdir -p runs/dynamics
 	$(PAPERMILL) --cwd notebooks notebooks/weight_sharing_dynamics.ipynb runs/dynamics/weight_sharing_dynamics.ipynb
 
+# Trains the CPU sweep (12 runs on Fashion-MNIST; finished runs are skipped, interrupted ones resume),
+# then writes the comparison table and figures into figures/ even if some runs failed, and exits
+# with the sweep's status. FIGURES_SWEEP and FIGURES_DIR select another sweep file and output
+# folder, e.g. for a quick check; the runs folder is runs/<sweep file name without .yaml>, which
+# is where the sweep writes when the file's `name` is that name or absent.
+FIGURES_SWEEP ?= sweeps/fashion_mnist_cpu.yaml
+FIGURES_DIR ?= figures
+FIGURES_RUNS = runs/$(basename $(notdir $(FIGURES_SWEEP)))
+figures: install fashion-mnist
+	$(BIN)/python -m bpcnn sweep $(FIGURES_SWEEP) --runs-dir runs --workers 1; status=$$?; \
+	$(PAPERMILL) notebooks/figures.ipynb $(FIGURES_RUNS)/figures.ipynb \
+	  -p runs_dir $(FIGURES_RUNS) -p output_dir $(FIGURES_DIR) && exit $$status
+
 clean:
 	rm -rf $(VENV) .pytest_cache
