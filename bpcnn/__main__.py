@@ -88,7 +88,7 @@ def _sweep(args: argparse.Namespace) -> int:
         return 0
     workers = args.workers if args.workers is not None else default_workers()
     # SIGTERM (a scheduler preempting the job) stops the papermill processes like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         outcomes = run_sweep(sweep, runs_dir, only=args.only, workers=workers)
     except KeyboardInterrupt:

@@ -2,9 +2,9 @@
 
 Only the files a run writes are read (``config.json``, ``metrics.jsonl`` and, for sweep runs,
 ``status.json``), never executed notebooks. A run's variant is the sweep's variant name from
-``status.json``, or ``RunConfig.variant`` (``conv``, ``lc``, ``lc_instant10``, ...) for folders
-that no sweep wrote; its sweep is the name in ``status.json`` or the name of its parent folder.
-Accuracies in the tables are percentages.
+``status.json``. For folders that no sweep wrote it is ``RunConfig.variant`` (``conv``, ``lc``,
+``lc_instant10``, ...), and the sweep is the name of the parent folder. Accuracies in the tables
+are percentages.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from .config import RunConfig
 
 log = logging.getLogger(__name__)
 
-# The effects reported by Pogodin et al. (NeurIPS 2021, arXiv 2106.13031): LC networks trail
-# conv nets, frequent weight sharing brings them close to conv ("nearly convolutional
-# performance on ImageNet"), and translated copies of each image help LC without closing the gap.
+# Directions of effect from Pogodin et al., "Towards Biologically Plausible Convolutional Networks"
+# (NeurIPS 2021, arXiv 2106.13031): LC networks trail conv nets, and weight sharing brings them
+# close to conv ("nearly convolutional performance on ImageNet"), more so the more often it runs.
+# Translated copies of each image help LC but do not remove the gap.
+# NOTE: only the direction of each effect is recorded here, not the paper's accuracies.
 PAPER_ORDER = ("conv", "lc_instant1", "lc_instant10", "lc_instant100", "lc")
 PAPER_FINDINGS = {
     "CIFAR10": "conv > share(1) > share(10) > share(100) > LC, LC several points below conv; "
@@ -68,7 +70,7 @@ def model_label(model: str) -> str:
 
 
 def find_run_dirs(root: Path) -> List[Path]:
-    """Return every folder under ``root`` (``root`` included) holding a ``config.json``, sorted."""
+    """Return every folder under ``root`` (``root`` included) that contains a ``config.json``, sorted."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"runs folder {root} not found; run a sweep first, e.g. "
@@ -92,7 +94,7 @@ class RunRecord:
         return len(self.metrics) >= self.config.n_epochs
 
     def final(self) -> Dict[str, Any]:
-        """The last epoch record that has an evaluation (empty when none has)."""
+        """Return the last epoch record that has an evaluation (empty when none has)."""
         evaluated = [m for m in self.metrics if m.get("eval_top1") is not None]
         return evaluated[-1] if evaluated else {}
 
@@ -274,7 +276,7 @@ class OrderingCheck:
 
 
 def _expected_pairs(models: Sequence[str]) -> List[Tuple[str, str]]:
-    """The inequalities reported in the paper, for the variants present: neighbours in PAPER_ORDER, and LC+rep."""
+    """Return the paper's inequalities among ``models``: neighbours in PAPER_ORDER, and LC < LC+rep < conv."""
     present = [m for m in PAPER_ORDER if m in models]
     pairs = list(zip(present, present[1:]))
     for model in models:
@@ -289,8 +291,8 @@ def _expected_pairs(models: Sequence[str]) -> List[Tuple[str, str]]:
 def check_ordering(summary: pd.DataFrame) -> List[OrderingCheck]:
     """Check, per sweep and dataset, conv >= share(1) >= share(10) >= share(100) >= LC and LC < LC+rep < conv.
 
-    Variants are matched by model (``RunConfig.variant``); a model that two variants of one
-    dataset share is left out of the check, because either could stand for it.
+    Variants are matched by model (``RunConfig.variant``). When two variants of one dataset have
+    the same model, that model is left out of the check, because either could stand for it.
     """
     checks = []
     for (sweep, dataset), group in summary.groupby(["sweep", "dataset"], sort=False):

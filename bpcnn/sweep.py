@@ -1,6 +1,6 @@
 """Sweeps: a YAML file of named variants and seeds, each run executed by the training notebook through papermill.
 
-A sweep file holds a base configuration, named variants that override it, and a list of seeds::
+A sweep file contains a base configuration, named variants that override it, and a list of seeds::
 
     name: paper_cifar10          # optional; defaults to the file name without extension
     base: {dataset: CIFAR10, n_epochs: 200, ...}
@@ -295,7 +295,8 @@ def plan(runs: Iterable[SweepRun]) -> List[PlannedRun]:
 
 @dataclass
 class RunOutcome:
-    """How one run ended: ``finished`` (also when it was already), ``failed`` or ``busy`` (locked by another sweep)."""
+    """Outcome of one run: ``finished`` (``skipped`` when it had finished before), ``failed``, ``interrupted``,
+    or ``busy`` (another sweep process holds its run folder's lock)."""
 
     run: SweepRun
     state: str
@@ -336,9 +337,10 @@ def _log_tail(path: Path, lines: int = 5) -> str:
         return ""
 
 
-# Starts papermill with Linux's parent-death signal set, so that the papermill process (and with
-# it the kernel, which exits when its parent is gone) stops when the sweep process dies, even by
-# SIGKILL. The signal fires when the forking thread exits; a worker thread waits for its child.
+# Starts papermill with Linux's parent-death signal set, so the papermill process stops when the
+# sweep process dies, even by SIGKILL. The kernel then exits because its parent is gone (ipykernel
+# polls for that). The signal fires when the forking thread exits, and a worker thread waits for
+# its child.
 _PDEATHSIG_LAUNCHER = (
     "import ctypes, os, signal, sys\n"
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 is PR_SET_PDEATHSIG\n"
@@ -351,9 +353,9 @@ _PDEATHSIG_LAUNCHER = (
 class SweepRunner:
     """Execute runs through papermill in worker threads, each run in its own papermill process.
 
-    Each worker owns a slot; with GPUs present, slot ``i`` gets ``CUDA_VISIBLE_DEVICES`` set to
-    GPU ``i mod (number of GPUs)``, so the notebook's kernel (started by the papermill process,
-    which inherits the environment) sees one GPU as ``cuda:0``.
+    Each worker owns a slot. With GPUs present, slot ``i`` gets ``CUDA_VISIBLE_DEVICES`` set to
+    GPU ``i mod (number of GPUs)``. The papermill process and the kernel it starts inherit that
+    environment, so the run's ``cuda:0`` is that GPU.
     """
 
     def __init__(self, workers: int = 1, notebook: Path = NOTEBOOK, kernel: str = "python3",
@@ -482,7 +484,7 @@ def run_sweep(sweep: Sweep, runs_dir: Path, only: Optional[Sequence[str]] = None
               notebook: Path = NOTEBOOK, kernel: str = "python3") -> List[RunOutcome]:
     """Execute every unfinished run of ``sweep`` into ``runs_dir``; return one outcome per run.
 
-    Runs whose folder holds a different configuration are reported as failed without executing.
+    Runs whose folder contains a different configuration are reported as failed without executing.
     """
     outcomes: List[RunOutcome] = []
     pending: List[SweepRun] = []
@@ -497,7 +499,7 @@ def run_sweep(sweep: Sweep, runs_dir: Path, only: Optional[Sequence[str]] = None
 
 
 def default_workers() -> int:
-    """One worker per visible GPU, or one on a CPU-only machine."""
+    """Return the default number of workers: one per visible GPU, or one on a CPU-only machine."""
     return max(1, len(visible_gpus()))
 
 

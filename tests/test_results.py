@@ -1,4 +1,4 @@
-"""Results tables read from hand-written run folders, the paper's ordering check and the figures notebook."""
+"""Results tables read from hand-written run folders, the check of the expected ordering, and the figures notebook."""
 
 import json
 from pathlib import Path
@@ -74,7 +74,7 @@ def test_runs_table_reads_folders(runs_root):
 def test_summary_means_over_seeds(runs_root):
     summary = summarize(runs_table(read_runs(runs_root)))
     grid = summary[summary["sweep"] == "grid"].set_index("variant")
-    assert list(grid.index) == ["conv", "lc_share1", "lc_share10", "lc", "lc_rep4"]  # the paper's order
+    assert list(grid.index) == ["conv", "lc_share1", "lc_share10", "lc", "lc_rep4"]  # conv, share(1), share(10), LC, LC+rep
     assert grid.loc["conv", "top1_mean"] == pytest.approx(89.0)  # the unfinished seed 2 is left out
     assert grid.loc["conv", "seeds"] == 2
     assert grid.loc["lc", "top1_mean"] == pytest.approx(78.0)

@@ -209,8 +209,9 @@ def test_dry_run_lists_actions(executed_sweep, capsys):
     assert main(["sweep", str(executed_sweep["file"]), "--runs-dir", str(executed_sweep["runs"].parent),
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "conv_seed0" in out and "finished" in out
-    assert "broken_seed0" in out and "last attempt failed" in out
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert "finished" in lines["conv_seed0"]
+    assert "last attempt failed" in lines["broken_seed0"]
 
 
 def test_interrupted_run_resumes(tmp_path, fashion_root):

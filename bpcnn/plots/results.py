@@ -31,14 +31,16 @@ def plot_variant_accuracy(summary: pd.DataFrame, runs: Optional[pd.DataFrame] = 
     fig, axes = plt.subplots(1, len(groups), figsize=(max(5.0, 1.0 + 0.9 * summary.shape[0]), 4), squeeze=False)
     for ax, ((sweep, dataset), group) in zip(axes[0], groups):
         positions = np.arange(len(group))
-        ax.bar(positions, group["top1_mean"], yerr=group["top1_std"].fillna(0.0), capsize=4, color="tab:blue", alpha=0.7)
+        bars = ax.bar(positions, group["top1_mean"], yerr=group["top1_std"].fillna(0.0), capsize=4, color="tab:blue",
+                      alpha=0.7)
+        ax.bar_label(bars, labels=[f"{value:.1f}" for value in group["top1_mean"]], label_type="center", fontsize="small")
         if runs is not None:
             for position, (_, row) in zip(positions, group.iterrows()):
                 seeds = runs[(runs["sweep"] == sweep) & (runs["dataset"] == dataset) & (runs["variant"] == row["variant"])
                              & runs["finished"]]
                 ax.plot(np.full(len(seeds), position), seeds["top1"], "k.", markersize=5)
         low = float(np.nanmin(group["top1_mean"] - group["top1_std"].fillna(0.0)))
-        ax.set_ylim(max(0.0, low - 5.0), min(100.0, float(np.nanmax(group["top1_mean"])) + 3.0))
+        ax.set_ylim(max(0.0, low - 5.0), min(102.0, float(np.nanmax(group["top1_mean"])) + 3.0))
         ax.set_xticks(positions, group["label"], rotation=30, ha="right")
         split = group["eval_split"].iloc[0] or "evaluation"
         ax.set(ylabel=f"final {split} top-1 (%)", title=f"{dataset} ({sweep})")
