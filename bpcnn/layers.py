@@ -145,6 +145,77 @@ def _from_row_layout(rows: torch.Tensor) -> torch.Tensor:
     return batch_last.t().contiguous().view(batch, groups * per_group, height, width)
 
 
+def _kernels_by_row(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """View the kernels as ``(g, kh, oh, ow, C_out/g, kw, C_in/g)``, the order of a kernel row's GEMM."""
+    out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
+    # (oh, ow, g, C_out/g, C_in/g, kh, kw) -> (g, kh, oh, ow, C_out/g, kw, C_in/g)
+    return weight.view(out_h, out_w, groups, out_channels // groups, in_per_group, kh, kw).permute(2, 5, 0, 1, 3, 6, 4)
+
+
+def _grad_input_by_rows(
+    grad_rows: torch.Tensor,
+    kernels: torch.Tensor,
+    pad_top_left: Tuple[int, int],
+    in_size: Tuple[int, int],
+    row_by_row: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Compute the input gradient ``(B, C_in, H, W)`` of ``_LocallyConnectedRows`` by kernel-row GEMMs.
+
+    Args:
+        grad_rows: output gradient in row layout, ``(g, Hp + kh, Wp, C_out/g, B)``, with kh - 1 zero
+            rows above and kw - 1 zero columns left of every row.
+        kernels: ``(g, kh, oh, ow, C_out/g, kw, C_in/g)``, any strides.
+
+    Returns:
+        The input gradient, and the kernel-sized scratch buffer it used (None if it needed none),
+        which the caller may reuse: a fresh buffer costs page faults on the CPU.
+    """
+    groups, kh, out_h, out_w, out_per_group, kw, in_per_group = kernels.shape
+    _, grad_h, padded_w, _, batch = grad_rows.shape
+    padded_h = grad_h - kh
+    top, left = pad_top_left
+    height, width = in_size
+
+    # Input pixel Y (padded coordinates) receives kernel row i of output row Y - i. The kernels are
+    # moved to the pixel they touch, with the kw taps reversed to match the order in which a
+    # grad_rows window lists output columns: (g, kh, Hp, Wp, kw, C_out/g, C_in/g), zero where no
+    # output position exists. One skewed view writes them all:
+    # (g, i, r, c, j) -> (g, i, r + i, c + j, kw - 1 - j).
+    scratch = None
+    if kh * kw == 1 and (padded_h, padded_w) == (out_h, out_w):
+        moved = kernels.transpose(4, 5)  # one tap and no padding: every pixel has its own kernel
+    else:
+        moved = scratch = kernels.new_zeros(groups, kh, padded_h, padded_w, kw, out_per_group, in_per_group)
+        step_j = out_per_group * in_per_group
+        step_z = kw * step_j
+        step_y = padded_w * step_z
+        step_i = padded_h * step_y
+        moved.as_strided(
+            (groups, kh, out_h, out_w, kw, out_per_group, in_per_group),
+            (kh * step_i, step_i + step_y, step_y, step_z, step_z - step_j, in_per_group, 1),
+            (kw - 1) * step_j,
+        ).copy_(kernels.transpose(4, 5))
+
+    # Row by row, only the real input columns are computed; otherwise all Wp columns.
+    first_col, grid_w = (left, width) if row_by_row else (0, padded_w)
+    grad_x_rows = grad_rows.new_empty(groups, height, grid_w, in_per_group, batch)
+    for group in range(groups):
+        for first, count in _row_blocks(height, row_by_row):
+            positions = count * grid_w
+            target = grad_x_rows[group, first:first + count].view(positions, in_per_group, batch)
+            for i in range(kh):
+                # (P, C_in/g, kw * C_out/g) @ (P, kw * C_out/g, B) -> (P, C_in/g, B)
+                pixel_kernels = moved[group, i, top + first:top + first + count, first_col:first_col + grid_w]
+                pixel_kernels = pixel_kernels.reshape(positions, kw * out_per_group, in_per_group).transpose(1, 2)
+                # Output row Y - i sits in grad_rows row Y - i + kh - 1.
+                windows = _row_windows(grad_rows[group], top + first + kh - 1 - i, positions, kw, first_col)
+                if i == 0:
+                    torch.bmm(pixel_kernels, windows, out=target)
+                else:
+                    target.baddbmm_(pixel_kernels, windows)
+    return _from_row_layout(grad_x_rows[:, :, left - first_col:left - first_col + width]), scratch
+
+
 class _LocallyConnectedRows(torch.autograd.Function):
     """Stride-1, dilation-1 locally connected layer computed as batched GEMMs, one per kernel row.
 
@@ -179,13 +250,15 @@ class _LocallyConnectedRows(torch.autograd.Function):
         rows = x.new_zeros(groups, padded_h + 1, padded_w, in_per_group, batch)
         rows[:, top:top + height, left:left + width] = _to_row_layout(x, groups)
 
-        # (oh, ow, C_out, C_in/g, kh, kw) -> (g, kh, oh, grid_w, C_out/g, kw, C_in/g). Columns past ow
-        # stay uninitialised: they only feed output columns and kernel gradients that are dropped,
-        # and every position is a separate GEMM, so even NaNs there reach nothing else.
-        row_kernels = weight.new_empty(groups, kh, out_h, grid_w, out_per_group, kw, in_per_group)
-        row_kernels[:, :, :, :out_w] = weight.view(
-            out_h, out_w, groups, out_per_group, in_per_group, kh, kw
-        ).permute(2, 5, 0, 1, 3, 6, 4)
+        # (g, kh, oh, grid_w, C_out/g, kw, C_in/g). A 1x1 kernel needs no copy: with one tap the
+        # view already has contiguous (C_out/g, C_in/g) matrices at one stride per position.
+        # Columns past ow stay uninitialised: they only feed output columns that are dropped, and
+        # every position is a separate GEMM, so even NaNs there reach nothing else.
+        row_kernels = _kernels_by_row(weight, groups)
+        if kh * kw != 1 or grid_w != out_w:
+            arranged = row_kernels
+            row_kernels = weight.new_empty(groups, kh, out_h, grid_w, out_per_group, kw, in_per_group)
+            row_kernels[:, :, :, :out_w] = arranged
 
         out = x.new_empty(groups, out_h, grid_w, out_per_group, batch)
         for group in range(groups):
@@ -201,17 +274,20 @@ class _LocallyConnectedRows(torch.autograd.Function):
                     else:
                         target.baddbmm_(kernels, windows)
 
-        ctx.save_for_backward(rows, row_kernels)
-        ctx.geometry = (padding, groups, row_by_row, (height, width), (out_h, out_w))
+        # The weight, not row_kernels, is saved: it exists anyway, so the arranged copy is freed here.
+        ctx.save_for_backward(rows, weight)
+        ctx.geometry = (padding, groups, row_by_row, (height, width))
         return _from_row_layout(out[:, :, :out_w])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        rows, row_kernels = ctx.saved_tensors
-        (top, _, left, _), groups, row_by_row, (height, width), (out_h, out_w) = ctx.geometry
-        _, kh, _, grid_w, out_per_group, kw, in_per_group = row_kernels.shape
+        rows, weight = ctx.saved_tensors
+        (top, _, left, _), groups, row_by_row, (height, width) = ctx.geometry
+        out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
+        out_per_group = out_channels // groups
         _, padded_h, padded_w, _, batch = rows.shape
-        padded_h -= 1
+        padded_h -= 1  # rows has one spare row
+        grid_w = out_w if row_by_row else padded_w
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
 
         # The output gradient in row layout, with kh - 1 zero rows above and kw - 1 zero columns left
@@ -220,9 +296,22 @@ class _LocallyConnectedRows(torch.autograd.Function):
         grad_rows = grad_out.new_zeros(groups, padded_h + kh, padded_w, out_per_group, batch)
         grad_rows[:, kh - 1:kh - 1 + out_h, kw - 1:] = _to_row_layout(grad_out, groups)
 
-        grad_x = grad_w = None
+        # The input gradient comes first, so its kernel copy is freed before the kernel gradient's
+        # buffers exist.
+        grad_x = grad_w = scratch = None
+        if need_x:
+            grad_x, scratch = _grad_input_by_rows(
+                grad_rows, _kernels_by_row(weight, groups), (top, left), (height, width), row_by_row
+            )
+
         if need_w:
-            grad_kernels = row_kernels.new_empty(row_kernels.shape)
+            shape = (groups, kh, out_h, grid_w, out_per_group, kw * in_per_group)
+            if scratch is not None and scratch.numel() >= math.prod(shape):
+                # The input gradient's kernel buffer is free now and at least as large (Hp >= oh).
+                grad_kernels = scratch.view(-1)[:math.prod(shape)].view(shape)
+            else:
+                grad_kernels = weight.new_empty(shape)
+            del scratch
             for group in range(groups):
                 grad_flat = grad_rows[group].view(-1, out_per_group, batch)  # (pixels, C_out/g, B)
                 for first, count in _row_blocks(out_h, row_by_row):
@@ -235,50 +324,17 @@ class _LocallyConnectedRows(torch.autograd.Function):
                         windows = _row_windows(rows[group], first + i, positions, kw)
                         target = grad_kernels[group, i, first:first + count].view(positions, out_per_group, -1)
                         torch.bmm(grad_block, windows.transpose(1, 2), out=target)
-            # Two copies with long inner loops, several times faster than one 7D permute:
             # (g, kh, oh, ow, C_out/g, kw, C_in/g) -> (oh, ow, g, C_out/g, kh, kw, C_in/g)
-            grad_w = grad_kernels[:, :, :, :out_w].permute(2, 3, 0, 4, 1, 5, 6).contiguous()
-            del grad_kernels
-            # -> (oh * ow * C_out, kh * kw, C_in/g) -> (oh * ow * C_out, C_in/g, kh * kw)
-            grad_w = grad_w.view(-1, kh * kw, in_per_group).transpose(1, 2).contiguous()
-            grad_w = grad_w.view(out_h, out_w, groups * out_per_group, in_per_group, kh, kw)
-
-        if need_x:
-            # Input pixel Y (padded coordinates) receives kernel row i of output row Y - i. The kernels
-            # are moved to the pixel they touch, with the kw taps reversed to match the order in which
-            # a grad_rows window lists output columns: (g, kh, Hp, Wp, kw, C_out/g, C_in/g), zero
-            # where no output position exists. One skewed view writes them all:
-            # (g, i, r, c, j) -> (g, i, r + i, c + j, kw - 1 - j).
-            moved = row_kernels.new_zeros(groups, kh, padded_h, padded_w, kw, out_per_group, in_per_group)
-            step_j = out_per_group * in_per_group
-            step_z = kw * step_j
-            step_y = padded_w * step_z
-            step_i = padded_h * step_y
-            moved.as_strided(
-                (groups, kh, out_h, out_w, kw, out_per_group, in_per_group),
-                (kh * step_i, step_i + step_y, step_y, step_z, step_z - step_j, in_per_group, 1),
-                (kw - 1) * step_j,
-            ).copy_(row_kernels[:, :, :, :out_w].transpose(4, 5))
-
-            # Row by row, only the real input columns are computed; otherwise all Wp columns.
-            first_col, x_grid_w = (left, width) if row_by_row else (0, padded_w)
-            grad_x_rows = grad_out.new_empty(groups, height, x_grid_w, in_per_group, batch)
-            for group in range(groups):
-                for first, count in _row_blocks(height, row_by_row):
-                    positions = count * x_grid_w
-                    target = grad_x_rows[group, first:first + count].view(positions, in_per_group, batch)
-                    for i in range(kh):
-                        # (P, C_in/g, kw * C_out/g) @ (P, kw * C_out/g, B) -> (P, C_in/g, B)
-                        kernels = moved[group, i, top + first:top + first + count, first_col:first_col + x_grid_w]
-                        kernels = kernels.reshape(positions, kw * out_per_group, in_per_group).transpose(1, 2)
-                        # Output row Y - i sits in grad_rows row Y - i + kh - 1.
-                        windows = _row_windows(grad_rows[group], top + first + kh - 1 - i, positions, kw, first_col)
-                        if i == 0:
-                            torch.bmm(kernels, windows, out=target)
-                        else:
-                            target.baddbmm_(kernels, windows)
-            del moved
-            grad_x = _from_row_layout(grad_x_rows[:, :, left - first_col:left - first_col + width])
+            grad_w = grad_kernels.view(groups, kh, out_h, grid_w, out_per_group, kw, in_per_group)[:, :, :, :out_w]
+            grad_w = grad_w.permute(2, 3, 0, 4, 1, 5, 6)
+            if kh * kw != 1:
+                # Two copies with long inner loops, several times faster than one 7D permute:
+                # -> (oh * ow * C_out, kh * kw, C_in/g) -> (oh * ow * C_out, C_in/g, kh * kw)
+                grad_w = grad_w.contiguous()
+                del grad_kernels
+                grad_w = grad_w.view(-1, kh * kw, in_per_group).transpose(1, 2)
+            # A free view for one group and a 1x1 kernel, where both orders agree.
+            grad_w = grad_w.reshape(out_h, out_w, out_channels, in_per_group, kh, kw)
 
         return grad_x, grad_w, None, None, None
 
