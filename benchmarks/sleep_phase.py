@@ -7,11 +7,11 @@ Three measurements, each printed as a table:
    reference unfolds the periodic input per position and runs a forward ``einsum``, pool means
    and an update ``einsum``. Both run alternately on the same random draws. Reports the median
    times, their ratio and the largest weight difference between the two.
-2. The cost of training an LC ResNet-20 with a sleep phase every 10 iterations relative to
-   training with instant sharing every 10 iterations: median time of one training iteration
-   (forward, backward, AdamW step on random 32x32 images), of one sleep phase over the whole
-   model and of one instant sharing, measured alternately; the factor is
-   ``(10 * iteration + sleep) / (10 * iteration + instant)``.
+2. The cost of training an LC ResNet-20 with a sleep phase every 10 iterations, relative to
+   training with instant sharing every 10 iterations. The script times one training iteration
+   (forward, backward, AdamW step on random 32x32 images), one sleep phase over the whole model
+   and one instant sharing, alternately, and reports the factor
+   ``(10 * iteration + sleep) / (10 * iteration + instant)`` from their medians.
 3. Whether tiling at a random offset makes adjacent positions share: repeated phases on one layer
    with a fixed offset, a random offset, and periods alternating between ``k`` and ``k + 1``,
    reporting the pool deviation and the RMS difference between adjacent interior kernels.
