@@ -402,11 +402,13 @@ def share_weights_dynamically(
         offset = draw_offset(layer, period, generator) if random_offset else (0, 0)
         dtype = _compute_dtype(layer.weight)
         patterns = _pattern_batches(layer, period, steps, batch_size, generator, layer.weight.device, dtype)
-        if algorithm == "auto" and exclude_border:
-            _sleep_pooled(layer, patterns, period, offset, lr, gamma)
-        else:
-            ids, n_pools = sleep_pool_ids(layer, period_increase, exclude_border)
-            _sleep_per_position(layer, patterns, offset, ids, n_pools, lr, gamma)
+        # A caller's autocast would run the chains in reduced precision, and 100 steps amplify its error.
+        with torch.autocast(device_type=layer.weight.device.type, enabled=False):
+            if algorithm == "auto" and exclude_border:
+                _sleep_pooled(layer, patterns, period, offset, lr, gamma)
+            else:
+                ids, n_pools = sleep_pool_ids(layer, period_increase, exclude_border)
+                _sleep_per_position(layer, patterns, offset, ids, n_pools, lr, gamma)
         log.debug("sleep phase: layer %r, %d steps, period %s, offset %s", name or "layer", steps, period, offset)
     return len(layers)
 

@@ -216,6 +216,14 @@ def test_double_precision_layer():
     assert pool_deviation(layer) < start / 2
 
 
+def test_autocast_does_not_lower_precision():
+    plain, autocast = make_layer(), make_layer()
+    share_weights_dynamically(plain, steps=20, batch_size=16, generator=torch.Generator().manual_seed(0))
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        share_weights_dynamically(autocast, steps=20, batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain.weight, autocast.weight)
+
+
 # --- randomness: generator, global RNG, schedule ------------------------------------------------
 
 def test_same_generator_same_weights():
