@@ -96,7 +96,7 @@ def pattern_rows(layer: LocallyConnected2d, period: Pair, offset: Pair) -> Tuple
     return (rows + offset[0]) % period[0], (cols + offset[1]) % period[1]
 
 
-def draw_offset(layer: LocallyConnected2d, period: Pair, generator: torch.Generator) -> Pair:
+def draw_offset(period: Pair, generator: torch.Generator) -> Pair:
     """Draw a tiling offset ``(oy, ox)``, uniform over one period, from ``generator``."""
     oy = int(torch.randint(period[0], (1,), generator=generator))
     ox = int(torch.randint(period[1], (1,), generator=generator))
@@ -212,6 +212,7 @@ def _pattern_batches(
     dtype: torch.dtype,
 ) -> Iterator[torch.Tensor]:
     """Yield one step's patterns ``(B, C_in, T_h, T_w)`` at a time, drawn on the CPU and moved to ``device``."""
+    # NOTE: only CPU layers have been run. On a GPU each step copies one small batch to the device.
     for _ in range(steps):
         yield draw_patterns(layer, period, batch_size, generator).to(device=device, dtype=dtype)
 
@@ -399,7 +400,7 @@ def share_weights_dynamically(
         return 0
     for name, layer in layers:
         period = tiling_period(layer, period_increase)
-        offset = draw_offset(layer, period, generator) if random_offset else (0, 0)
+        offset = draw_offset(period, generator) if random_offset else (0, 0)
         dtype = _compute_dtype(layer.weight)
         patterns = _pattern_batches(layer, period, steps, batch_size, generator, layer.weight.device, dtype)
         # A caller's autocast would run the chains in reduced precision, and 100 steps amplify its error.
