@@ -12,9 +12,9 @@ Three measurements, each printed as a table:
    (forward, backward, AdamW step on random 32x32 images), one sleep phase over the whole model
    and one instant sharing, alternately, and reports the factor
    ``(10 * iteration + sleep) / (10 * iteration + instant)`` from their medians.
-3. Whether tiling at a random offset makes adjacent positions share: repeated phases on one layer
-   with a fixed offset, a random offset, and periods alternating between ``k`` and ``k + 1``,
-   reporting the pool deviation and the RMS difference between adjacent interior kernels.
+3. Whether tiling at a random offset makes adjacent positions share. Repeated phases run on one
+   layer with a fixed offset, a random offset, and periods alternating between ``k`` and ``k + 1``.
+   The table gives the pool deviation and the RMS difference between adjacent interior kernels.
 
 Run ``python benchmarks/sleep_phase.py --threads 1`` (about 15 minutes on one idle CPU core; the
 reference formulation takes most of it) or ``--quick`` for a smoke run.
