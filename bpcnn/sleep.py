@@ -347,8 +347,9 @@ def share_weights_dynamically(
     Pools are the positions that see identical input (``bpcnn.sharing.pool_ids``), which holds for
     any stride, dilation and groups. With ``exclude_border`` (the default, as in the reference)
     positions whose receptive field touches the zero padding belong to no pool and do not change.
-    The bias is not touched, because ``z`` has no bias term. Repeated phases converge to
-    ``share_weights_instantly`` over the same pools, border excluded.
+    The bias is not touched, because ``z`` has no bias term. Repeated phases converge to the pool
+    means of the interior kernels. ``share_weights_instantly`` differs from that limit: it also pools
+    the border positions and the biases.
 
     Args:
         module: one ``LocallyConnected2d`` or a model containing them; a ``DistributedDataParallel``
