@@ -5,19 +5,21 @@ Each function takes the tables of ``bpcnn.results`` (accuracies in percent) and 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is an optional dependency (the notebooks and test extras)
+    import pandas as pd
 
 __all__ = ["plot_variant_accuracy", "plot_accuracy_curves", "plot_snr_curves", "plot_repetition_effect"]
 
 
-def _label(row: pd.Series) -> str:
+def _label(variant: str, model: str) -> str:
     from ..results import model_label
 
-    return model_label(row["model"]) if row["variant"] == row["model"] else row["variant"]
+    return model_label(model) if variant == model else variant
 
 
 def plot_variant_accuracy(summary: pd.DataFrame, runs: Optional[pd.DataFrame] = None) -> plt.Figure:
@@ -59,7 +61,7 @@ def plot_accuracy_curves(epochs: pd.DataFrame, dataset: str, sweep: Optional[str
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (variant, model), group in data.groupby(["variant", "model"], sort=False):
         stats = group.groupby("epoch")["eval_top1"].agg(["mean", "std", "count"]).reset_index()
-        label = _label(pd.Series({"variant": variant, "model": model}))
+        label = _label(variant, model)
         line, = ax.plot(stats["epoch"], stats["mean"], "o-", markersize=3, label=label)
         spread = stats["std"].fillna(0.0)
         ax.fill_between(stats["epoch"], stats["mean"] - spread, stats["mean"] + spread, color=line.get_color(), alpha=0.15)
@@ -91,7 +93,7 @@ def plot_snr_curves(snr: pd.DataFrame, dataset: str, sweep: Optional[str] = None
         for index, layer in enumerate(layers):
             means = group[group["layer"] == layer].groupby("epoch")["snr"].mean()
             ax.plot(means.index, means.values, color=cmap(index / max(1, len(layers) - 1)), label=layer)
-        ax.set(xlabel="epoch", yscale="log", title=_label(pd.Series({"variant": variant, "model": model})))
+        ax.set(xlabel="epoch", yscale="log", title=_label(variant, model))
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(variants):]:
         ax.axis("off")
