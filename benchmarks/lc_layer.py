@@ -156,7 +156,11 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(
-    steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+    steps: Dict[str, Callable[[], None]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Dict[str, float]:
     """Return the median seconds per call of each step, calling them in turn so load hits all alike."""
     for _ in range(warmup):
@@ -166,10 +170,10 @@ def time_interleaved(
     for _ in range(repeats):
         for name, step in steps.items():
             synchronize(device)
-            start = time.perf_counter()
+            start = clock()
             step()
             synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -279,6 +283,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per implementation (default: 2)")
     parser.add_argument("--repeats", type=int, default=9, help="timed passes per implementation (default: 9)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on the CPU (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=("wall", "cpu"), default="wall",
+        help="wall: elapsed time; cpu: CPU time of this process (time.process_time), which on a "
+        "machine shared with other jobs excludes the time the process waits for a core; use it "
+        "with --threads 1, because idle OpenMP threads spin and count as CPU time (default: wall)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--measure-peak", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -289,6 +299,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    if args.clock == "cpu" and device.type == "cuda":
+        raise ValueError("--clock cpu measures CPU work and cannot time CUDA kernels; use --clock wall on cuda")
     if args.measure_peak:
         request = json.loads(args.measure_peak)
         shape = LayerShape(**request["shape"])
@@ -298,8 +311,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     dtype_names = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32"])
     log.info(
-        "torch %s, %s, %d threads, device %s%s, load average %.1f", torch.__version__, platform.machine(),
-        torch.get_num_threads(), device,
+        "torch %s, %s, %d threads, %s clock, device %s%s, load average %.1f", torch.__version__,
+        platform.machine(), torch.get_num_threads(), args.clock, device,
         f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "", os.getloadavg()[0],
     )
     shapes = [] if args.skip_resnet20 else resnet20_shapes(args.batch)
@@ -312,7 +325,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         for shape in shapes:
             torch.manual_seed(0)
             steps = {kind: make_layer_step(kind, shape, device, dtype) for kind in IMPLEMENTATIONS}
-            seconds = time_interleaved(steps, device, args.warmup, args.repeats)
+            seconds = time_interleaved(steps, device, args.warmup, args.repeats, clock)
             del steps
             peaks: Dict[str, Optional[float]] = {kind: None for kind in IMPLEMENTATIONS}
             if not args.skip_memory:
@@ -331,7 +344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if not args.skip_network:
         for dtype_name in dtype_names:
             steps = network_steps(args.batch, device, getattr(torch, dtype_name))
-            seconds = time_interleaved(steps, device, args.warmup, args.repeats)
+            seconds = time_interleaved(steps, device, args.warmup, args.repeats, clock)
             network[dtype_name] = {kind: 1e3 * value for kind, value in seconds.items()}
             print(
                 f"ResNet-20 training step, batch {args.batch}, {dtype_name}: conv {network[dtype_name]['conv']:.1f} ms, "
@@ -340,7 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(
-                {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
+                {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
                  "load_average": os.getloadavg()[0], "layers": rows, "network": network},
                 handle, indent=1,
             )
