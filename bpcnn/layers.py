@@ -149,7 +149,8 @@ def _kernels_by_row(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """View the kernels as ``(g, kh, oh, ow, C_out/g, kw, C_in/g)``, the order of a kernel row's GEMM."""
     out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
     # (oh, ow, g, C_out/g, C_in/g, kh, kw) -> (g, kh, oh, ow, C_out/g, kw, C_in/g)
-    return weight.view(out_h, out_w, groups, out_channels // groups, in_per_group, kh, kw).permute(2, 5, 0, 1, 3, 6, 4)
+    grouped = weight.reshape(out_h, out_w, groups, out_channels // groups, in_per_group, kh, kw)
+    return grouped.permute(2, 5, 0, 1, 3, 6, 4)
 
 
 def _grad_input_by_rows(
@@ -363,9 +364,10 @@ def locally_connected2d(
         padding: an int, a pair ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``.
         row_by_row: issue one GEMM call per output row, computing only real positions, instead of one
             call over a grid that includes ``kw - 1`` dropped columns per row. None (the default)
-            chooses row by row when those columns are over a quarter of the grid, because every
-            call is a parallel region: on a 2-core CPU shared with other jobs, one call per row of
-            an 8x8 map ran 1.4x (best of 11) to 2x (median) slower than the grid with its 20% dropped columns.
+            chooses row by row when those columns are over a quarter of the grid. Every call is a
+            parallel region, and on a 2-core CPU shared with other jobs one call per row of an 8x8
+            map ran 1.4x (best of 11) to 2x (median) slower than the grid with its 20% dropped
+            columns, although it was faster on one thread.
 
     Returns:
         ``(B, C_out, out_h, out_w)``.

@@ -189,13 +189,21 @@ def test_bfloat16_autocast_matches_conv(geometry: dict) -> None:
     torch.testing.assert_close(layer_grads[1].sum((0, 1)), conv_grads[1], atol=0.5, rtol=3e-2)
 
 
-def test_noncontiguous_input_and_batch_of_one() -> None:
+def test_noncontiguous_input_and_weight() -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, 3, padding=1, dtype=torch.float64)
     layer = LocallyConnected2d.from_conv(conv, (6, 5))
     x = torch.randn(1, 6, 5, 3, dtype=torch.float64).permute(0, 3, 1, 2)  # channels-last strides
     assert not x.is_contiguous()
     torch.testing.assert_close(layer(x), conv(x))
+
+    # A weight with other strides, through the functional API: (oh, ow, C_in, C_out, kh, kw) transposed.
+    weight = layer.weight.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    assert not weight.is_contiguous()
+    actual = locally_connected2d(x, weight, layer.bias, padding=1)
+    torch.testing.assert_close(actual, conv(x))
+    torch.testing.assert_close(torch.autograd.grad(actual.sum(), weight)[0].sum((0, 1)),
+                               torch.autograd.grad(conv(x).sum(), conv.weight)[0])
 
 
 def test_from_conv_copies_kernel_to_every_position() -> None:
