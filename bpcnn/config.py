@@ -87,7 +87,11 @@ class RunConfig:
     sleep_gamma: float = field(default=1e-5, metadata=_help(
         "pull toward the kernels at the start of the sleep phase"))
     sleep_random_offset: bool = field(default=False, metadata=_help(
-        "tile the sleep-phase inputs at a random offset each phase"))
+        "tile the sleep-phase inputs at a random offset each phase; the pools and the update's "
+        "distribution stay the same, so this does not make neighbouring positions share"))
+    sleep_alternate_period: bool = field(default=False, metadata=_help(
+        "alternate the sleep-phase tiling period between k and k+1, so that over many phases all "
+        "interior positions of a layer come to share (beyond the paper's fixed lateral wiring)"))
 
     # optimisation
     n_epochs: int = field(default=200, metadata=_help("training epochs"))

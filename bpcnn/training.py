@@ -95,6 +95,7 @@ def build_weight_sharing(config: RunConfig) -> Optional[WeightSharing]:
     return SleepPhase(
         frequency=config.weight_sharing_frequency, steps=config.sleep_steps, batch_size=config.sleep_batch_size,
         lr=config.sleep_lr, gamma=config.sleep_gamma, random_offset=config.sleep_random_offset, seed=config.seed,
+        alternate_period=config.sleep_alternate_period,
     )
 
 
