@@ -177,28 +177,27 @@ def _grad_input_by_rows(
     top, left = pad_top_left
     height, width = in_size
 
+    # Row by row, only the real input columns are computed; otherwise all Wp columns.
+    first_col, grid_w = (left, width) if row_by_row else (0, padded_w)
+
     # Input pixel Y (padded coordinates) receives kernel row i of output row Y - i. The kernels are
     # moved to the pixel they touch, with the kw taps reversed to match the order in which a
-    # grad_rows window lists output columns: (g, kh, Hp, Wp, kw, C_out/g, C_in/g), zero where no
-    # output position exists. One skewed view writes them all:
-    # (g, i, r, c, j) -> (g, i, r + i, c + j, kw - 1 - j).
+    # grad_rows window lists output columns: (g, kh, H, grid_w, kw, C_out/g, C_in/g) for input
+    # rows top .. top + H - 1 and grid columns first_col onwards, zero where no output position
+    # exists. Tap (i, j) of output (r, c) goes to (i, r + i - top, c + j - first_col, kw - 1 - j).
     scratch = None
     if kh * kw == 1 and (padded_h, padded_w) == (out_h, out_w):
         moved = kernels.transpose(4, 5)  # one tap and no padding: every pixel has its own kernel
     else:
-        moved = scratch = kernels.new_zeros(groups, kh, padded_h, padded_w, kw, out_per_group, in_per_group)
-        step_j = out_per_group * in_per_group
-        step_z = kw * step_j
-        step_y = padded_w * step_z
-        step_i = padded_h * step_y
-        moved.as_strided(
-            (groups, kh, out_h, out_w, kw, out_per_group, in_per_group),
-            (kh * step_i, step_i + step_y, step_y, step_z, step_z - step_j, in_per_group, 1),
-            (kw - 1) * step_j,
-        ).copy_(kernels.transpose(4, 5))
+        moved = scratch = kernels.new_zeros(groups, kh, height, grid_w, kw, out_per_group, in_per_group)
+        for i in range(kh):
+            first_r, end_r = max(0, top - i), min(out_h, top + height - i)
+            for j in range(kw):
+                first_c, end_c = max(0, first_col - j), min(out_w, first_col + grid_w - j)
+                if first_r < end_r and first_c < end_c:
+                    moved[:, i, first_r + i - top:end_r + i - top, first_c + j - first_col:end_c + j - first_col,
+                          kw - 1 - j] = kernels[:, i, first_r:end_r, first_c:end_c, :, j]
 
-    # Row by row, only the real input columns are computed; otherwise all Wp columns.
-    first_col, grid_w = (left, width) if row_by_row else (0, padded_w)
     grad_x_rows = grad_rows.new_empty(groups, height, grid_w, in_per_group, batch)
     for group in range(groups):
         for first, count in _row_blocks(height, row_by_row):
@@ -206,8 +205,8 @@ def _grad_input_by_rows(
             target = grad_x_rows[group, first:first + count].view(positions, in_per_group, batch)
             for i in range(kh):
                 # (P, C_in/g, kw * C_out/g) @ (P, kw * C_out/g, B) -> (P, C_in/g, B)
-                pixel_kernels = moved[group, i, top + first:top + first + count, first_col:first_col + grid_w]
-                pixel_kernels = pixel_kernels.reshape(positions, kw * out_per_group, in_per_group).transpose(1, 2)
+                pixel_kernels = moved[group, i, first:first + count].reshape(positions, kw * out_per_group, in_per_group)
+                pixel_kernels = pixel_kernels.transpose(1, 2)
                 # Output row Y - i sits in grad_rows row Y - i + kh - 1.
                 windows = _row_windows(grad_rows[group], top + first + kh - 1 - i, positions, kw, first_col)
                 if i == 0:
