@@ -142,7 +142,11 @@ def _from_row_layout(rows: torch.Tensor) -> torch.Tensor:
     groups, height, width, per_group, batch = rows.shape
     # (g, H, W, C/g, B) -> (g, C/g, H, W, B) -> (C*H*W, B)
     batch_last = rows.permute(0, 3, 1, 2, 4).reshape(groups * per_group * height * width, batch)
-    return batch_last.t().contiguous().view(batch, groups * per_group, height, width)
+    # Copy into a fresh tensor rather than returning a view of a temporary: a custom Function's
+    # output that is a view cannot be modified in place (ReLU(inplace=True) right after the layer).
+    out = rows.new_empty(batch, groups * per_group, height, width)
+    out.view(batch, -1).copy_(batch_last.t())
+    return out
 
 
 def _kernels_by_row(weight: torch.Tensor, groups: int) -> torch.Tensor:

@@ -329,3 +329,12 @@ def test_deviation_init_std_and_correlation() -> None:
     a, b = layer.weight[0, 0].flatten(), layer.weight[3, 2].flatten()
     correlation = torch.corrcoef(torch.stack([a, b]))[0, 1]
     assert abs(correlation.item() - 1.0 / (1.0 + eps**2)) < 0.05
+
+
+@pytest.mark.parametrize("kernel_size", [1, 3])
+def test_output_allows_inplace_relu_without_bias(kernel_size):
+    layer = LocallyConnected2d(4, 4, kernel_size, 8, padding=kernel_size // 2, bias=False)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    torch.relu_(layer(x)).sum().backward()
+    assert x.grad is not None
+    assert layer.weight.grad is not None
