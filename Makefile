@@ -50,8 +50,10 @@ dynamics-figures: install
 FIGURES_SWEEP ?= sweeps/fashion_mnist_cpu.yaml
 FIGURES_DIR ?= figures
 FIGURES_RUNS = runs/$(basename $(notdir $(FIGURES_SWEEP)))
+# One torch thread per run: these small networks gain little from a second thread, and on a
+# busy machine extra threads made runs several times slower.
 figures: install fashion-mnist
-	$(BIN)/python -m bpcnn sweep $(FIGURES_SWEEP) --runs-dir runs --workers 1; status=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m bpcnn sweep $(FIGURES_SWEEP) --runs-dir runs --workers 1; status=$$?; \
 	$(PAPERMILL) notebooks/figures.ipynb $(FIGURES_RUNS)/figures.ipynb \
 	  -p runs_dir $(FIGURES_RUNS) -p output_dir $(FIGURES_DIR) && exit $$status
 
