@@ -17,26 +17,27 @@ log = logging.getLogger(__name__)
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 
-# Shared by the three runs: ResNet-8 of width 8 trained on 24,000 images for 3 epochs, the learning
-# rate divided by 4 for the last one. Calibrated on a 2-core CPU: the conv run alone reached 84.4%
-# with 2 pixels of padding, so the demo pads by 1 pixel to fit more in 3 epochs.
+# Shared by the three runs: ResNet-8 of width 8 trained on all 60,000 training images for 4 epochs,
+# the learning rate divided by 4 for the last one. On an idle 2-core CPU an epoch takes about 20 s
+# (conv) and 45 s (LC); with 24,000 images and 3 epochs the conv run reached 86.6%.
 DEMO_PARAMETERS: Dict[str, Any] = {
     "dataset": "FashionMNIST",
     "experiment": "resnet_cifar",
     "resnet_n": 1,
     "width": 8,
-    "n_epochs": 3,
+    "n_epochs": 4,
     "batch_size": 128,
     "optimizer": "AdamW",
     "lr": 0.01,
     "weight_decay": 1e-4,
-    "epoch_decrease_lr": [2],
-    "subset": 24000,
+    "epoch_decrease_lr": [3],
+    "subset": None,
     "seed": 0,
     "device": "cpu",
 }
-# The evaluation always uses the full test set: subset only limits the training images.
-DEMO_EXTRA = {"subset_evaluation": False, "image_padding": 1}
+# 1 pixel of zero padding before the random crop (4 by default): Fashion-MNIST's objects fill the
+# 28x28 frame, and less translation fits better in few epochs.
+DEMO_EXTRA = {"image_padding": 1}
 
 # (label, run folder name, notebook parameters)
 DEMO_VARIANTS: List[Tuple[str, str, Dict[str, Any]]] = [
@@ -77,7 +78,7 @@ def run_demo(runs_dir: Path, figure: Path, data_root: Optional[str] = None) -> s
     wall_seconds = time.perf_counter() - start
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig = plot_accuracy_comparison(
-        runs, title="Fashion-MNIST: ResNet-8 (width 8), 24,000 training images, full test set")
+        runs, title="Fashion-MNIST: ResNet-8 (width 8), 4 epochs")
     fig.savefig(figure, dpi=130)
     plt.close(fig)
 
