@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from pathlib import Path
@@ -62,7 +63,7 @@ def _train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     result = train(config)
     final = result.final
-    if final:
+    if final and int(os.environ.get("RANK", "0")) == 0:
         print(f"{result.run_dir}: {final['eval_split']} top-1 {final['eval_top1']:.4f}, "
               f"top-5 {final['eval_top5']:.4f} after {final['epoch']} epochs")
     return 0
