@@ -55,8 +55,9 @@ def execute_notebook(output: Path, parameters: Dict[str, Any], notebook: Path = 
     if not notebook.is_file():
         raise FileNotFoundError(f"training notebook {notebook} not found; run from a checkout of the bpcnn repository")
     output.parent.mkdir(parents=True, exist_ok=True)
+    # log_output streams the notebook's log lines (one per epoch) to this terminal.
     papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
-                               progress_bar=False, cwd=str(Path.cwd()))
+                               progress_bar=False, log_output=True, cwd=str(Path.cwd()))
 
 
 def run_demo(runs_dir: Path, figure: Path, data_root: Optional[str] = None) -> str:
@@ -71,7 +72,11 @@ def run_demo(runs_dir: Path, figure: Path, data_root: Optional[str] = None) -> s
         folder = runs_dir / folder_name
         parameters = {**DEMO_PARAMETERS, **variant, "run_dir": str(folder), "data_root": data_root,
                       "extra_config": DEMO_EXTRA}
-        log.info("demo: training %s in %s", name, folder)
+        done = read_metrics(folder)
+        if len(done) >= DEMO_PARAMETERS["n_epochs"]:
+            log.info("demo: %s in %s has finished already; rerunning its notebook only to redraw", name, folder)
+        else:
+            log.info("demo: training %s in %s (one log line per epoch)", name, folder)
         execute_notebook(folder / "train.ipynb", parameters)
         runs[name] = read_metrics(folder)
 

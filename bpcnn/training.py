@@ -370,11 +370,12 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     run_dir = config.resolved_run_dir()
+    # Data first, so that a missing dataset leaves no run folder behind.
+    data: DataBundle = build_data(config, rank, world_size, pin_memory=device.type == "cuda")
     _prepare_run_dir(config, run_dir, is_main)
     _barrier()
     last = run_dir / "checkpoints" / "last.pt"
 
-    data: DataBundle = build_data(config, rank, world_size, pin_memory=device.type == "cuda")
     model = build_model(config, data.in_channels, data.image_size, data.num_classes).to(device)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
