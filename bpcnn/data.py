@@ -43,7 +43,7 @@ NUM_CLASSES = {"MNIST": 10, "FashionMNIST": 10, "CIFAR10": 10, "CIFAR100": 100, 
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are missing; the message says where they were looked for and how to get them."""
+    """A dataset's files are missing. The message names the folders searched and how to get the files."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def read_idx(path: Path) -> np.ndarray:
     shape = struct.unpack(f">{n_dims}I", data[4 : 4 + 4 * n_dims])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * n_dims)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"IDX file {path} holds {body.size} bytes of data, its header promises shape {shape}; fetch it again")
+        raise ValueError(f"IDX file {path} is truncated: it contains {body.size} bytes of data, but its header expects shape {shape}; fetch it again")
     return body.reshape(shape)
 
 
@@ -223,7 +223,7 @@ class TensorLoader:
 
     @property
     def num_samples(self) -> int:
-        """Images this process sees per epoch (without repetitions)."""
+        """Number of images this process trains or evaluates on per epoch (without repetitions)."""
         return shard_length(len(self.labels), self.rank, self.world_size, self.train)
 
     def _distinct_per_batch(self) -> int:

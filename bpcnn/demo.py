@@ -19,7 +19,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 
 # Shared by the three runs: ResNet-8 of width 8 trained on all 60,000 training images for 4 epochs,
 # the learning rate divided by 4 for the last one. On an idle 2-core CPU an epoch takes about 20 s
-# (conv) and 45 s (LC); with 24,000 images and 3 epochs the conv run reached 86.6%.
+# (conv) and 45 s (LC). With 24,000 images and 3 epochs the conv run reached only 86.6%.
 DEMO_PARAMETERS: Dict[str, Any] = {
     "dataset": "FashionMNIST",
     "experiment": "resnet_cifar",

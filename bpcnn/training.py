@@ -318,7 +318,7 @@ def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
 
 @dataclass
 class RunResult:
-    """What ``train`` returns: the run folder, its per-epoch metrics, and the trained model."""
+    """Result of ``train``: the run folder, its per-epoch metrics, and the trained model."""
 
     run_dir: Path
     metrics: List[Dict[str, Any]]
@@ -345,7 +345,7 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, is_main: bool) -> None:
         if changed:
             details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changed.items()))
             raise ValueError(
-                f"run folder {run_dir} holds a run with a different configuration ({details}); "
+                f"run folder {run_dir} contains a run with a different configuration ({details}); "
                 f"choose another --job-idx or --run-dir, or delete the folder to start over"
             )
     if is_main:

@@ -24,11 +24,16 @@ def _first_batch(loader):
 def test_idx_loader(tmp_path, dataset):
     root = make_mnist_folder(tmp_path / dataset, n_train=50, n_test=30)
     bundle = build_data(_config(dataset=dataset, data_root=str(root)))
-    assert bundle.num_classes == 10 and bundle.in_channels == 1 and bundle.image_size == (28, 28)
-    assert bundle.train.num_samples == 50 and bundle.evaluation.num_samples == 30
+    assert bundle.num_classes == 10
+    assert bundle.in_channels == 1
+    assert bundle.image_size == (28, 28)
+    assert bundle.train.num_samples == 50
+    assert bundle.evaluation.num_samples == 30
     images, labels = _first_batch(bundle.train)
-    assert images.shape == (16, 1, 28, 28) and images.dtype == torch.float32
-    assert labels.dtype == torch.long and labels.max() < 10
+    assert images.shape == (16, 1, 28, 28)
+    assert images.dtype == torch.float32
+    assert labels.dtype == torch.long
+    assert labels.max() < 10
 
 
 def test_idx_loader_torchvision_layout(tmp_path):
@@ -41,7 +46,9 @@ def test_idx_loader_torchvision_layout(tmp_path):
 def test_cifar_loader(tmp_path, dataset, classes):
     make_cifar_folder(tmp_path, classes=classes, n_per_batch=20)
     bundle = build_data(_config(dataset=dataset, data_root=str(tmp_path)))
-    assert bundle.num_classes == classes and bundle.in_channels == 3 and bundle.image_size == (32, 32)
+    assert bundle.num_classes == classes
+    assert bundle.in_channels == 3
+    assert bundle.image_size == (32, 32)
     assert bundle.train.num_samples == (100 if classes == 10 else 20)
     assert bundle.evaluation.num_samples == 20
     images, _ = _first_batch(bundle.train)
@@ -51,7 +58,8 @@ def test_cifar_loader(tmp_path, dataset, classes):
 def test_tiny_imagenet_loader_with_annotation_file(tmp_path):
     root = make_image_folder(tmp_path / "tiny", size=64, classes=3, per_class=4, tiny_val=True)
     bundle = build_data(_config(dataset="TinyImageNet", imagenet_path=str(root), batch_size=4))
-    assert bundle.num_classes == 3 and bundle.image_size == (64, 64)
+    assert bundle.num_classes == 3
+    assert bundle.image_size == (64, 64)
     assert bundle.evaluation.num_samples == 12
     images, labels = _first_batch(bundle.evaluation)
     assert images.shape == (4, 3, 64, 64)
@@ -61,7 +69,8 @@ def test_tiny_imagenet_loader_with_annotation_file(tmp_path):
 def test_imagenet_loader(tmp_path):
     root = make_image_folder(tmp_path / "imagenet", size=40, classes=2, per_class=3)
     bundle = build_data(_config(dataset="ImageNet", imagenet_path=str(root), batch_size=2, input_scale=32))
-    assert bundle.num_classes == 2 and bundle.image_size == (32, 32)
+    assert bundle.num_classes == 2
+    assert bundle.image_size == (32, 32)
     images, _ = _first_batch(bundle.train)
     assert images.shape == (2, 3, 32, 32)
 
@@ -85,7 +94,7 @@ def test_truncated_idx_file(tmp_path):
     path = root / "train-images-idx3-ubyte.gz"
     data = gzip.decompress(path.read_bytes())
     path.write_bytes(gzip.compress(data[:1000]))
-    with pytest.raises(ValueError, match="header promises"):
+    with pytest.raises(ValueError, match="header expects"):
         read_idx(path)
 
 
@@ -94,7 +103,8 @@ def test_validation_split_is_seeded_and_disjoint(tmp_path):
     config = _config(data_root=str(root), training_mode="validation", validation_size=20)
     first, second = build_data(config), build_data(config)
     assert first.evaluation_split == "validation"
-    assert first.train.num_samples == 60 and first.evaluation.num_samples == 20
+    assert first.train.num_samples == 60
+    assert first.evaluation.num_samples == 20
     torch.testing.assert_close(first.evaluation.images, second.evaluation.images)
     train_rows = {tuple(x.flatten().tolist()) for x in first.train.images}
     assert not any(tuple(x.flatten().tolist()) in train_rows for x in first.evaluation.images)
@@ -103,7 +113,8 @@ def test_validation_split_is_seeded_and_disjoint(tmp_path):
 def test_subset_limits_training_and_evaluation(tmp_path):
     root = make_mnist_folder(tmp_path / "m")
     bundle = build_data(_config(data_root=str(root), subset=10))
-    assert bundle.train.num_samples == 10 and bundle.evaluation.num_samples == 10
+    assert bundle.train.num_samples == 10
+    assert bundle.evaluation.num_samples == 10
     bundle = build_data(_config(data_root=str(root), subset=10, subset_evaluation=False))
     assert bundle.evaluation.num_samples == 40
 

@@ -88,7 +88,9 @@ def test_instant_sharing_schedule_frequency():
 def test_interior_mask_excludes_padded_border():
     mask = interior_mask(_layer())
     assert mask.shape == (9, 9)
-    assert not mask[0].any() and not mask[-1].any() and not mask[:, 0].any()
+    assert not mask[0].any()
+    assert not mask[-1].any()
+    assert not mask[:, 0].any()
     assert mask[1:-1, 1:-1].all()
 
 

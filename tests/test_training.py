@@ -37,8 +37,10 @@ def test_run_folder_contents(fashion_root, tmp_path):
     records = read_metrics(run)
     assert [r["epoch"] for r in records] == [1, 2]
     assert records[0]["sharing_events"] == 3  # 6 steps per epoch, sharing every 2
-    assert set(records[0]["snr"]) and all(isinstance(v, float) for v in records[0]["snr"].values())
-    assert (run / "checkpoints" / "epoch_0001.pt").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    assert set(records[0]["snr"])
+    assert all(isinstance(v, float) for v in records[0]["snr"].values())
+    assert (run / "checkpoints" / "epoch_0001.pt").is_file()
+    assert (run / "checkpoints" / "last.pt").is_file()
 
 
 def test_resume_matches_uninterrupted_run(fashion_root, tmp_path):
@@ -95,7 +97,9 @@ def test_cli_reference_command_line(fashion_root, tmp_path, capsys):
     assert main(argv.format(folder=folder, root=fashion_root).split()) == 0
     run = folder / "FashionMNIST_resnet_cifar_lc_instant10_final"
     saved = json.loads((run / "config.json").read_text())
-    assert saved["amp"] and saved["is_locally_connected"] and saved["epoch_decrease_lr"] == [100, 150]
+    assert saved["amp"]
+    assert saved["is_locally_connected"]
+    assert saved["epoch_decrease_lr"] == [100, 150]
     assert read_metrics(run)[0]["eval_top1"] is not None
     assert "test top-1" in capsys.readouterr().out
 
