@@ -17,6 +17,10 @@ Usage:
     python benchmarks/lc_layer.py                  # CPU: ResNet-20 and ResNet-18 layers, network step
     python benchmarks/lc_layer.py --skip-resnet18  # the ResNet-20 goals only (minutes)
     python benchmarks/lc_layer.py --device cuda    # fp32 and bf16 (autocast) on a GPU
+
+Every shape runs with NCHW (contiguous) and with channels-last activations, the same format for
+all three implementations (``--formats`` picks one); the conv layer's weight is converted too, as
+``model.to(memory_format=torch.channels_last)`` does.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -38,13 +43,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bpcnn.convert import to_locally_connected
+from bpcnn.convert import to_channels_last, to_locally_connected
 from bpcnn.layers import LocallyConnected2d
 from bpcnn.models import resnet_cifar
 
 log = logging.getLogger("lc_layer")
 
 IMPLEMENTATIONS = ("conv", "reference", "bpcnn")
+FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +114,13 @@ class UnfoldEinsumLC(nn.Module):
         return torch.einsum("bihwkl,iohwkl->bohw", patches, self.weight.to(x.dtype))
 
 
-def build_layer(kind: str, shape: LayerShape, device: torch.device) -> nn.Module:
+def build_layer(kind: str, shape: LayerShape, device: torch.device, memory_format: str = "nchw") -> nn.Module:
     """Build one implementation of ``shape`` in float32 (bf16 runs use autocast)."""
     if kind == "conv":
         return nn.Conv2d(
             shape.in_channels, shape.out_channels, shape.kernel_size, shape.stride, shape.padding,
             bias=False, device=device,
-        )
+        ).to(memory_format=FORMATS[memory_format])
     if kind == "reference":
         return UnfoldEinsumLC(shape, device, torch.float32)
     if kind == "bpcnn":
@@ -132,13 +138,14 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.Abs
 
 
 def make_layer_step(
-    kind: str, shape: LayerShape, device: torch.device, dtype: torch.dtype
+    kind: str, shape: LayerShape, device: torch.device, dtype: torch.dtype, memory_format: str = "nchw"
 ) -> Callable[[], None]:
     """Return a closure running one forward and backward pass of one implementation."""
-    layer = build_layer(kind, shape, device)
-    x = torch.randn(shape.batch, shape.in_channels, shape.in_size, shape.in_size, device=device, requires_grad=True)
+    layer = build_layer(kind, shape, device, memory_format)
+    x = torch.randn(shape.batch, shape.in_channels, shape.in_size, shape.in_size, device=device)
+    x = x.contiguous(memory_format=FORMATS[memory_format]).requires_grad_()
     with autocast_context(device, dtype):
-        grad_out = torch.randn_like(layer(x))
+        grad_out = torch.randn_like(layer(x))  # same strides as the output
 
     def step() -> None:
         x.grad = None
@@ -192,9 +199,11 @@ def reset_peak_resident() -> None:
         clear_refs.write("5")
 
 
-def measure_peak_here(kind: str, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> int:
+def measure_peak_here(
+    kind: str, shape: LayerShape, device: torch.device, dtype: torch.dtype, memory_format: str = "nchw"
+) -> int:
     """Return the bytes one forward and backward pass needs above what exists before it."""
-    step = make_layer_step(kind, shape, device, dtype)
+    step = make_layer_step(kind, shape, device, dtype, memory_format)
     if device.type == "cuda":
         step()  # the first pass creates the cuBLAS/cuDNN workspaces, which are not the layer's memory
         synchronize(device)
@@ -209,12 +218,15 @@ def measure_peak_here(kind: str, shape: LayerShape, device: torch.device, dtype:
     return process_status_bytes("VmHWM") - before
 
 
-def measure_peak(kind: str, shape: LayerShape, device: torch.device, dtype: torch.dtype) -> int:
+def measure_peak(
+    kind: str, shape: LayerShape, device: torch.device, dtype: torch.dtype, memory_format: str = "nchw"
+) -> int:
     """Measure the peak in a fresh process on the CPU (freed heap memory stays resident), in this one on CUDA."""
     if device.type == "cuda":
-        return measure_peak_here(kind, shape, device, dtype)
+        return measure_peak_here(kind, shape, device, dtype, memory_format)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    request = json.dumps({"kind": kind, "shape": dataclasses.asdict(shape), "dtype": str(dtype).split(".")[-1]})
+    request = json.dumps({"kind": kind, "shape": dataclasses.asdict(shape), "dtype": str(dtype).split(".")[-1],
+                          "format": memory_format})
     result = subprocess.run(
         [sys.executable, __file__, "--measure-peak", request],
         env=env, capture_output=True, text=True, check=True,
@@ -223,17 +235,19 @@ def measure_peak(kind: str, shape: LayerShape, device: torch.device, dtype: torc
 
 
 def network_steps(
-    batch: int, device: torch.device, dtype: torch.dtype
+    batch: int, device: torch.device, dtype: torch.dtype, memory_format: str = "nchw"
 ) -> Dict[str, Callable[[], None]]:
     """Return training steps (forward, cross-entropy, backward, SGD) of a conv and an LC ResNet-20."""
     torch.manual_seed(0)
-    x = torch.randn(batch, 3, 32, 32, device=device)
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=FORMATS[memory_format])
     labels = torch.randint(0, 10, (batch,), device=device)
     steps = {}
     for kind in ("conv", "bpcnn"):
         model = resnet_cifar(n=3, width=16, num_classes=10).to(device)
         if kind == "bpcnn":
             model = to_locally_connected(model, x[:2])
+        if memory_format == "channels_last":
+            to_channels_last(model)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
         def step(model: nn.Module = model, optimizer: torch.optim.Optimizer = optimizer) -> None:
@@ -252,6 +266,7 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
         f"| {'shape':<30} | {'batch':>5} | {'dtype':<8} | {'conv ms':>8} | {'ref ms':>8} | {'bpcnn ms':>8} "
         f"| {'bpcnn/conv':>10} | {'ref/bpcnn':>9} | {'peak MiB conv/ref/bpcnn':>23} |"
     )
+    header = header.replace("| dtype    |", "| dtype    | format        |")
     lines = [header, "|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|"]
     for row in rows:
         times = row["ms"]
@@ -259,7 +274,7 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
         assert isinstance(times, dict) and isinstance(peaks, dict)
         peak_text = "/".join(f"{peaks[kind]:.0f}" if peaks[kind] is not None else "-" for kind in IMPLEMENTATIONS)
         lines.append(
-            f"| {row['shape']:<30} | {row['batch']:>5} | {row['dtype']:<8} | {times['conv']:>8.1f} "
+            f"| {row['shape']:<30} | {row['batch']:>5} | {row['dtype']:<8} | {row['format']:<13} | {times['conv']:>8.1f} "
             f"| {times['reference']:>8.1f} | {times['bpcnn']:>8.1f} | {times['bpcnn'] / times['conv']:>10.2f} "
             f"| {times['reference'] / times['bpcnn']:>9.2f} | {peak_text:>23} |"
         )
@@ -273,6 +288,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         "--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"),
         help="compute dtypes; reduced precision runs under autocast (default: float32 on cpu, "
         "float32 and bfloat16 on cuda)",
+    )
+    parser.add_argument(
+        "--formats", nargs="+", choices=tuple(FORMATS), default=list(FORMATS),
+        help="activation memory formats to time (default: both)",
     )
     parser.add_argument("--batch", type=int, default=128, help="batch size of the ResNet-20 layers and network step")
     parser.add_argument("--resnet18-batch", type=int, default=32, help="batch size of the ResNet-18 layers")
@@ -305,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.measure_peak:
         request = json.loads(args.measure_peak)
         shape = LayerShape(**request["shape"])
-        print(measure_peak_here(request["kind"], shape, device, getattr(torch, request["dtype"])))
+        print(measure_peak_here(request["kind"], shape, device, getattr(torch, request["dtype"]), request["format"]))
         return
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -320,35 +339,35 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         shapes += resnet18_shapes(args.resnet18_batch)
 
     rows: List[Dict[str, object]] = []
-    for dtype_name in dtype_names:
+    for dtype_name, shape, memory_format in itertools.product(dtype_names, shapes, args.formats):
         dtype = getattr(torch, dtype_name)
-        for shape in shapes:
-            torch.manual_seed(0)
-            steps = {kind: make_layer_step(kind, shape, device, dtype) for kind in IMPLEMENTATIONS}
-            seconds = time_interleaved(steps, device, args.warmup, args.repeats, clock)
-            del steps
-            peaks: Dict[str, Optional[float]] = {kind: None for kind in IMPLEMENTATIONS}
-            if not args.skip_memory:
-                for kind in IMPLEMENTATIONS:
-                    peaks[kind] = measure_peak(kind, shape, device, dtype) / 2**20
-            row = {
-                "shape": shape.name, "batch": shape.batch, "dtype": dtype_name,
-                "ms": {kind: 1e3 * value for kind, value in seconds.items()}, "peak_mib": peaks,
-            }
-            rows.append(row)
-            log.info("%s", format_table([row]).splitlines()[-1])
+        torch.manual_seed(0)
+        steps = {kind: make_layer_step(kind, shape, device, dtype, memory_format) for kind in IMPLEMENTATIONS}
+        seconds = time_interleaved(steps, device, args.warmup, args.repeats, clock)
+        del steps
+        peaks: Dict[str, Optional[float]] = {kind: None for kind in IMPLEMENTATIONS}
+        if not args.skip_memory:
+            for kind in IMPLEMENTATIONS:
+                peaks[kind] = measure_peak(kind, shape, device, dtype, memory_format) / 2**20
+        row = {
+            "shape": shape.name, "batch": shape.batch, "dtype": dtype_name, "format": memory_format,
+            "ms": {kind: 1e3 * value for kind, value in seconds.items()}, "peak_mib": peaks,
+        }
+        rows.append(row)
+        log.info("%s", format_table([row]).splitlines()[-1])
 
     print(format_table(rows))
     print(f"load average after the layers: {os.getloadavg()[0]:.1f}")
     network: Dict[str, Dict[str, float]] = {}
     if not args.skip_network:
-        for dtype_name in dtype_names:
-            steps = network_steps(args.batch, device, getattr(torch, dtype_name))
+        for dtype_name, memory_format in itertools.product(dtype_names, args.formats):
+            steps = network_steps(args.batch, device, getattr(torch, dtype_name), memory_format)
             seconds = time_interleaved(steps, device, args.warmup, args.repeats, clock)
-            network[dtype_name] = {kind: 1e3 * value for kind, value in seconds.items()}
+            key = f"{dtype_name} {memory_format}"
+            network[key] = {kind: 1e3 * value for kind, value in seconds.items()}
             print(
-                f"ResNet-20 training step, batch {args.batch}, {dtype_name}: conv {network[dtype_name]['conv']:.1f} ms, "
-                f"LC {network[dtype_name]['bpcnn']:.1f} ms, LC/conv {seconds['bpcnn'] / seconds['conv']:.2f}"
+                f"ResNet-20 training step, batch {args.batch}, {key}: conv {network[key]['conv']:.1f} ms, "
+                f"LC {network[key]['bpcnn']:.1f} ms, LC/conv {seconds['bpcnn'] / seconds['conv']:.2f}"
             )
     if args.json:
         with open(args.json, "w") as handle:

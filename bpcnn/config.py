@@ -24,7 +24,7 @@ TRAINING_MODES = ("test", "validation")
 # the run executes or how long it lasts, not what it computes per epoch.
 RESUMABLE_CHANGES = frozenset(
     {"n_epochs", "device", "workers", "stat_report_frequency", "checkpoint_frequency", "progress",
-     "data_root", "imagenet_path", "experiment_folder", "run_dir", "download"}
+     "data_root", "imagenet_path", "experiment_folder", "run_dir", "download", "channels_last"}
 )
 
 
@@ -105,6 +105,9 @@ class RunConfig:
     lr_decay: float = field(default=0.25, metadata=_help("factor applied to the learning rate at each milestone"))
     amp: bool = field(default=False, metadata=_help(
         "mixed precision: float16 with a gradient scaler on CUDA, bfloat16 autocast on CPU"))
+    channels_last: bool = field(default=True, metadata=_help(
+        "keep activations channels-last (NHWC in memory), the faster layout for conv and LC layers on the "
+        "CPU; --no-channels-last keeps NCHW"))
     seed: int = field(default=0, metadata=_help("random seed of initialisation, data order and augmentation"))
     device: str = field(default="auto", metadata=_help("'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'"))
 

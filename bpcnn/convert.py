@@ -128,3 +128,19 @@ def to_convolutional(model: nn.Module) -> nn.Module:
                 conv.bias.copy_(module.bias.mean(dim=(0, 1)))
         _set_submodule(model, name, conv)
     return model
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Make ``model`` compute with channels-last activations; return it (changed in place).
+
+    Converts the convolution weights as ``model.to(memory_format=torch.channels_last)`` does and
+    makes every ``LocallyConnected2d`` return channels-last outputs, so that a network fed
+    channels-last inputs (``x.contiguous(memory_format=torch.channels_last)``) keeps that layout
+    from layer to layer. On the CPU this is the fast layout for both layer kinds; see
+    ``benchmarks/README.md``. The LC kernels themselves are not touched.
+    """
+    model.to(memory_format=torch.channels_last)
+    for module in model.modules():
+        if isinstance(module, LocallyConnected2d):
+            module.channels_last = True
+    return model

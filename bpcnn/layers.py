@@ -120,6 +120,40 @@ def _row_windows(
     )
 
 
+def _framed(pixels: torch.Tensor, frame: Tuple[int, int, int, int]) -> torch.Tensor:
+    """Copy ``(B, H, W, C)`` into a new buffer with ``(top, bottom, left, right)`` zero rows and columns around it.
+
+    Only the frame is zeroed, so the buffer is written once rather than twice.
+    """
+    batch, height, width, channels = pixels.shape
+    top, bottom, left, right = frame
+    out = pixels.new_empty(batch, top + height + bottom, left + width + right, channels)
+    out[:, :top].zero_()
+    out[:, top + height:].zero_()
+    interior = out[:, top:top + height]
+    interior[:, :, :left].zero_()
+    interior[:, :, left + width:].zero_()
+    interior[:, :, left:left + width] = pixels
+    return out
+
+
+def _pixel_windows(
+    frame: torch.Tensor, first_row: int, positions: int, kernel_w: int, first_col: int = 0
+) -> torch.Tensor:
+    """View ``kernel_w`` consecutive pixels of a channels-last frame as one ``(B, kernel_w * C)`` matrix per position.
+
+    ``frame`` is ``(B, R, Wp, C)`` contiguous. Position ``p`` starts at flat pixel
+    ``first_row * Wp + first_col + p``; as in ``_row_windows``, positions past a row's end wrap
+    into the next row.
+    """
+    batch, n_rows, width, channels = frame.shape
+    return frame.as_strided(
+        (positions, batch, kernel_w * channels),
+        (channels, n_rows * width * channels, 1),
+        frame.storage_offset() + (first_row * width + first_col) * channels,
+    )
+
+
 def _row_blocks(n_rows: int, row_by_row: bool) -> List[Tuple[int, int]]:
     """Return ``(first row, row count)`` of the blocks of output (or input) rows that share one ``bmm``."""
     return [(row, 1) for row in range(n_rows)] if row_by_row else [(0, n_rows)]
@@ -149,12 +183,105 @@ def _from_row_layout(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def empty_kernels(
+    shape: Tuple[int, int, int, int, int, int], row_layout: bool, **factory: Any
+) -> torch.Tensor:
+    """Return uninitialised kernels of ``shape`` ``(oh, ow, C_out, C_in/g, kh, kw)``.
+
+    With ``row_layout`` the memory is ordered ``(kh, oh, ow, C_out, kw, C_in)``: the kernel row
+    ``i`` of one output row is then one contiguous ``(ow, C_out, kw * C_in)`` block, the operand of
+    one row-by-row GEMM of ``_LocallyConnectedRows``. The forward pass then needs no copy of the
+    kernels and the backward pass returns the kernel gradient without rearranging it. The tensor
+    has the usual shape either way; only its strides differ. Only for one group.
+    """
+    out_h, out_w, out_channels, in_per_group, kh, kw = shape
+    if not row_layout:
+        return torch.empty(shape, **factory)
+    # (kh, oh, ow, C_out, kw, C_in) -> (oh, ow, C_out, C_in, kh, kw)
+    return torch.empty(kh, out_h, out_w, out_channels, kw, in_per_group, **factory).permute(1, 2, 3, 5, 0, 4)
+
+
+def is_row_layout(weight: torch.Tensor, groups: int) -> bool:
+    """Return whether ``weight`` is stored in the row layout of ``empty_kernels``."""
+    return groups == 1 and weight.permute(4, 0, 1, 2, 5, 3).is_contiguous()
+
+
 def _kernels_by_row(weight: torch.Tensor, groups: int) -> torch.Tensor:
     """View the kernels as ``(g, kh, oh, ow, C_out/g, kw, C_in/g)``, the order of a kernel row's GEMM."""
     out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
     # (oh, ow, g, C_out/g, C_in/g, kh, kw) -> (g, kh, oh, ow, C_out/g, kw, C_in/g)
     grouped = weight.reshape(out_h, out_w, groups, out_channels // groups, in_per_group, kh, kw)
     return grouped.permute(2, 5, 0, 1, 3, 6, 4)
+
+
+def _moved_kernels(
+    kernels: torch.Tensor,
+    padded_h: int,
+    padded_w: int,
+    pad_top_left: Tuple[int, int],
+    in_size: Tuple[int, int],
+    first_col: int,
+    grid_w: int,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Move each kernel tap to the input pixel it reads, for the input gradient.
+
+    Input pixel Y (padded coordinates) receives kernel row i of output row Y - i. The kernels are
+    moved to the pixel they touch, with the kw taps reversed to match the order in which a window of
+    the padded output gradient lists output columns: ``(g, kh, H, grid_w, kw, C_out/g, C_in/g)``
+    for input rows top .. top + H - 1 and grid columns ``first_col`` onwards, zero where no output
+    position exists. Tap (i, j) of output (r, c) goes to (i, r + i - top, c + j - first_col, kw - 1 - j).
+
+    Args:
+        kernels: ``(g, kh, oh, ow, C_out/g, kw, C_in/g)``, any strides.
+
+    Returns:
+        The moved kernels, and the buffer holding them (None when they are a view of ``kernels``),
+        which the caller may reuse once they are no longer needed.
+    """
+    groups, kh, out_h, out_w, out_per_group, kw, in_per_group = kernels.shape
+    top, _ = pad_top_left
+    height, _ = in_size
+    if kh * kw == 1 and (padded_h, padded_w) == (out_h, out_w):
+        return kernels.transpose(4, 5), None  # one tap and no padding: every pixel has its own kernel
+    # Only the entries no kernel reaches are zeroed (a frame per tap): filling the whole buffer
+    # first wrote it twice, 4% to 5% of a pass at the ResNet-20 shapes.
+    moved = kernels.new_empty(groups, kh, height, grid_w, kw, out_per_group, in_per_group)
+    s_g, s_i, s_r, s_c, s_o, s_j, s_in = kernels.stride()
+    # Grid columns [x_0, x_1) receive all kw taps. There moved[:, i, y, x, t] is
+    # kernels[:, i, y + top - i, x + first_col - (kw - 1) + t, :, kw - 1 - t].
+    # That is one strided view (stride s_c - s_j along t), copied once per kernel row. On one
+    # thread this took a quarter to a half of the time of kw separate copies.
+    x_0, x_1 = max(0, kw - 1 - first_col), min(grid_w, out_w - first_col)
+    if s_c < s_j:
+        # The view would need a negative stride, so every tap is copied on its own.
+        x_0 = x_1 = 0
+    for i in range(kh):
+        first_r, end_r = max(0, top - i), min(out_h, top + height - i)
+        row_0, row_1 = first_r + i - top, end_r + i - top
+        if row_0 < row_1 and x_0 < x_1:
+            offset = (kernels.storage_offset() + i * s_i + first_r * s_r
+                      + (x_0 + first_col - (kw - 1)) * s_c + (kw - 1) * s_j)
+            taps = kernels.as_strided(
+                (groups, row_1 - row_0, x_1 - x_0, kw, out_per_group, in_per_group),
+                (s_g, s_r, s_c, s_c - s_j, s_o, s_in), offset)
+            moved[:, i, row_0:row_1, x_0:x_1] = taps
+        for j in range(kw):
+            first_c, end_c = max(0, first_col - j), min(out_w, first_col + grid_w - j)
+            tap = moved[:, i, :, :, kw - 1 - j]  # (g, H, grid_w, C_out/g, C_in/g)
+            if first_r >= end_r or first_c >= end_c:
+                tap.zero_()
+                continue
+            col_0, col_1 = first_c + j - first_col, end_c + j - first_col
+            tap[:, :row_0].zero_()
+            tap[:, row_1:].zero_()
+            tap[:, row_0:row_1, :col_0].zero_()
+            tap[:, row_0:row_1, col_1:].zero_()
+            # The columns the strided copy did not cover, [col_0, x_0) and [x_1, col_1).
+            for start, end in ((col_0, min(col_1, x_0)), (max(col_0, x_1), col_1)) if x_0 < x_1 else ((col_0, col_1),):
+                if start < end:
+                    tap[:, row_0:row_1, start:end] = kernels[
+                        :, i, first_r:end_r, start + first_col - j:end + first_col - j, :, j]
+    return moved, moved
 
 
 def _grad_input_by_rows(
@@ -177,30 +304,12 @@ def _grad_input_by_rows(
     """
     groups, kh, out_h, out_w, out_per_group, kw, in_per_group = kernels.shape
     _, grad_h, padded_w, _, batch = grad_rows.shape
-    padded_h = grad_h - kh
     top, left = pad_top_left
     height, width = in_size
 
     # Row by row, only the real input columns are computed; otherwise all Wp columns.
     first_col, grid_w = (left, width) if row_by_row else (0, padded_w)
-
-    # Input pixel Y (padded coordinates) receives kernel row i of output row Y - i. The kernels are
-    # moved to the pixel they touch, with the kw taps reversed to match the order in which a
-    # grad_rows window lists output columns: (g, kh, H, grid_w, kw, C_out/g, C_in/g) for input
-    # rows top .. top + H - 1 and grid columns first_col onwards, zero where no output position
-    # exists. Tap (i, j) of output (r, c) goes to (i, r + i - top, c + j - first_col, kw - 1 - j).
-    scratch = None
-    if kh * kw == 1 and (padded_h, padded_w) == (out_h, out_w):
-        moved = kernels.transpose(4, 5)  # one tap and no padding: every pixel has its own kernel
-    else:
-        moved = scratch = kernels.new_zeros(groups, kh, height, grid_w, kw, out_per_group, in_per_group)
-        for i in range(kh):
-            first_r, end_r = max(0, top - i), min(out_h, top + height - i)
-            for j in range(kw):
-                first_c, end_c = max(0, first_col - j), min(out_w, first_col + grid_w - j)
-                if first_r < end_r and first_c < end_c:
-                    moved[:, i, first_r + i - top:end_r + i - top, first_c + j - first_col:end_c + j - first_col,
-                          kw - 1 - j] = kernels[:, i, first_r:end_r, first_c:end_c, :, j]
+    moved, scratch = _moved_kernels(kernels, grad_h - kh, padded_w, pad_top_left, in_size, first_col, grid_w)
 
     grad_x_rows = grad_rows.new_empty(groups, height, grid_w, in_per_group, batch)
     for group in range(groups):
@@ -218,6 +327,42 @@ def _grad_input_by_rows(
                 else:
                     target.baddbmm_(pixel_kernels, windows)
     return _from_row_layout(grad_x_rows[:, :, left - first_col:left - first_col + width]), scratch
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """Return whether ``x`` is channels-last in memory and not also contiguous (ambiguous when C or H * W is 1)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _kernel_grad_buffer(scratch: Optional[torch.Tensor], shape: Tuple[int, ...], weight: torch.Tensor) -> torch.Tensor:
+    """Return a buffer for the kernel gradient, reusing the input gradient's kernel buffer if it is large enough."""
+    if scratch is not None and scratch.numel() >= math.prod(shape):
+        # The input gradient's kernel buffer is free now and at least as large (Hp >= oh).
+        return scratch.view(-1)[:math.prod(shape)].view(shape)
+    return weight.new_empty(shape)
+
+
+def _weight_grad(grad_kernels: torch.Tensor, weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """Turn the kernel-row GEMMs' output ``(g, kh, oh, grid_w, C_out/g, kw * C_in/g)`` into the weight's gradient.
+
+    Returned with the weight's strides when the weight is stored in row layout (no copy), else contiguous.
+    """
+    out_h, out_w, out_channels, in_per_group, kh, kw = weight.shape
+    _, _, _, grid_w, out_per_group, _ = grad_kernels.shape
+    # (g, kh, oh, ow, C_out/g, kw, C_in/g) -> (oh, ow, g, C_out/g, kh, kw, C_in/g)
+    grad_w = grad_kernels.view(groups, kh, out_h, grid_w, out_per_group, kw, in_per_group)[:, :, :, :out_w]
+    grad_w = grad_w.permute(2, 3, 0, 4, 1, 5, 6)
+    if grid_w == out_w and kh * kw != 1 and is_row_layout(weight, groups):
+        # The weight is stored in row layout: its gradient is the GEMMs' output as it is, with the
+        # same strides, so autograd accumulates it without a copy.
+        # (oh, ow, 1, C_out, kh, kw, C_in) -> (oh, ow, C_out, C_in, kh, kw)
+        return grad_w.squeeze(2).permute(0, 1, 2, 5, 3, 4)
+    if kh * kw != 1:
+        # Two copies with long inner loops, several times faster than one 7D permute:
+        # -> (oh * ow * C_out, kh * kw, C_in/g) -> (oh * ow * C_out, C_in/g, kh * kw)
+        grad_w = grad_w.contiguous().view(-1, kh * kw, in_per_group).transpose(1, 2)
+    # A free view for one group and a 1x1 kernel, where both orders agree.
+    return grad_w.reshape(out_h, out_w, out_channels, in_per_group, kh, kw)
 
 
 class _LocallyConnectedRows(torch.autograd.Function):
@@ -259,7 +404,9 @@ class _LocallyConnectedRows(torch.autograd.Function):
         # Columns past ow stay uninitialised: they only feed output columns that are dropped, and
         # every position is a separate GEMM, so even NaNs there reach nothing else.
         row_kernels = _kernels_by_row(weight, groups)
-        if kh * kw != 1 or grid_w != out_w:
+        # Kernels stored in row layout (see empty_kernels) are used as they are, row by row.
+        in_place = grid_w == out_w and (kh * kw == 1 or row_kernels.is_contiguous())
+        if not in_place:
             arranged = row_kernels
             row_kernels = weight.new_empty(groups, kh, out_h, grid_w, out_per_group, kw, in_per_group)
             row_kernels[:, :, :, :out_w] = arranged
@@ -310,11 +457,7 @@ class _LocallyConnectedRows(torch.autograd.Function):
 
         if need_w:
             shape = (groups, kh, out_h, grid_w, out_per_group, kw * in_per_group)
-            if scratch is not None and scratch.numel() >= math.prod(shape):
-                # The input gradient's kernel buffer is free now and at least as large (Hp >= oh).
-                grad_kernels = scratch.view(-1)[:math.prod(shape)].view(shape)
-            else:
-                grad_kernels = weight.new_empty(shape)
+            grad_kernels = _kernel_grad_buffer(scratch, shape, weight)
             del scratch
             for group in range(groups):
                 grad_flat = grad_rows[group].view(-1, out_per_group, batch)  # (pixels, C_out/g, B)
@@ -328,19 +471,120 @@ class _LocallyConnectedRows(torch.autograd.Function):
                         windows = _row_windows(rows[group], first + i, positions, kw)
                         target = grad_kernels[group, i, first:first + count].view(positions, out_per_group, -1)
                         torch.bmm(grad_block, windows.transpose(1, 2), out=target)
-            # (g, kh, oh, ow, C_out/g, kw, C_in/g) -> (oh, ow, g, C_out/g, kh, kw, C_in/g)
-            grad_w = grad_kernels.view(groups, kh, out_h, grid_w, out_per_group, kw, in_per_group)[:, :, :, :out_w]
-            grad_w = grad_w.permute(2, 3, 0, 4, 1, 5, 6)
-            if kh * kw != 1:
-                # Two copies with long inner loops, several times faster than one 7D permute:
-                # -> (oh * ow * C_out, kh * kw, C_in/g) -> (oh * ow * C_out, C_in/g, kh * kw)
-                grad_w = grad_w.contiguous()
-                del grad_kernels
-                grad_w = grad_w.view(-1, kh * kw, in_per_group).transpose(1, 2)
-            # A free view for one group and a 1x1 kernel, where both orders agree.
-            grad_w = grad_w.reshape(out_h, out_w, out_channels, in_per_group, kh, kw)
+            grad_w = _weight_grad(grad_kernels, weight, groups)
 
         return grad_x, grad_w, None, None, None
+
+
+class _LocallyConnectedChannelsLast(torch.autograd.Function):
+    """The computation of ``_LocallyConnectedRows`` for channels-last activations of one group.
+
+    A channels-last tensor ``(B, C, H, W)`` is ``(B, H, W, C)`` in memory, so the ``kw`` pixels a
+    kernel row covers are, per image, ``kw * C`` contiguous numbers. Copied once into a zero
+    frame ``(B, Hp + 1, Wp, C)``, they form one ``(B, kw * C)`` matrix per output position, with the
+    batch as the GEMM's rows and the image size as their stride. Each kernel row is then one
+    ``torch.bmm`` over positions, as in ``_LocallyConnectedRows``, but the activations go in and
+    out by copies of contiguous pixel blocks, several times cheaper than that class's transposes.
+    Output and input gradient are channels-last.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        padding: Tuple[int, int, int, int],
+        row_by_row: bool,
+    ) -> torch.Tensor:
+        top, bottom, left, right = padding
+        batch, in_channels, height, width = x.shape
+        out_h, out_w, out_channels, _, kh, kw = weight.shape
+        padded_h, padded_w = height + top + bottom, width + left + right
+        grid_w = out_w if row_by_row else padded_w
+
+        # (B, C, H, W) channels-last -> (B, H, W, C) inside a zero frame (B, padded_h + 1, padded_w, C).
+        frame = _framed(x.permute(0, 2, 3, 1), (top, 1 + bottom, left, right))
+
+        row_kernels = _kernels_by_row(weight, 1)[0]  # (kh, oh, ow, C_out, kw, C_in)
+        if not (grid_w == out_w and (kh * kw == 1 or row_kernels.is_contiguous())):
+            arranged = row_kernels
+            row_kernels = weight.new_empty(kh, out_h, grid_w, out_channels, kw, in_channels)
+            row_kernels[:, :, :out_w] = arranged
+
+        out = x.new_empty(out_h, grid_w, batch, out_channels)
+        for first, count in _row_blocks(out_h, row_by_row):
+            positions = count * grid_w
+            target = out[first:first + count].view(positions, batch, out_channels)
+            for i in range(kh):
+                # (P, B, kw * C_in) @ (P, kw * C_in, C_out) -> (P, B, C_out)
+                kernels = row_kernels[i, first:first + count].reshape(positions, out_channels, -1).transpose(1, 2)
+                windows = _pixel_windows(frame, first + i, positions, kw)
+                if i == 0:
+                    torch.bmm(windows, kernels, out=target)
+                else:
+                    target.baddbmm_(windows, kernels)
+
+        ctx.save_for_backward(frame, weight)
+        ctx.geometry = (padding, row_by_row, (height, width))
+        # (oh, ow, B, C_out) -> (B, oh, ow, C_out), which is (B, C_out, oh, ow) channels-last.
+        result = x.new_empty(batch, out_h, out_w, out_channels)
+        result.copy_(out[:, :out_w].permute(2, 0, 1, 3))
+        return result.permute(0, 3, 1, 2)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        frame, weight = ctx.saved_tensors
+        (top, _, left, _), row_by_row, (height, width) = ctx.geometry
+        out_h, out_w, out_channels, in_channels, kh, kw = weight.shape
+        batch, padded_h, padded_w, _ = frame.shape
+        padded_h -= 1  # the frame has one spare row
+        grid_w = out_w if row_by_row else padded_w
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        # The output gradient with kh - 1 zero rows above and kw - 1 zero columns left of every row:
+        # (B, padded_h + kh, Wp, C_out), as grad_rows in _LocallyConnectedRows.
+        grad_frame = _framed(grad_out.permute(0, 2, 3, 1), (kh - 1, padded_h + 1 - out_h, kw - 1, 0))
+
+        grad_x = grad_w = scratch = None
+        if need_x:
+            first_col, grid_x = (left, width) if row_by_row else (0, padded_w)
+            moved, scratch = _moved_kernels(
+                _kernels_by_row(weight, 1), padded_h, padded_w, (top, left), (height, width), first_col, grid_x)
+            grad_pixels = grad_out.new_empty(height, grid_x, batch, in_channels)
+            for first, count in _row_blocks(height, row_by_row):
+                positions = count * grid_x
+                target = grad_pixels[first:first + count].view(positions, batch, in_channels)
+                for i in range(kh):
+                    # (P, B, kw * C_out) @ (P, kw * C_out, C_in) -> (P, B, C_in)
+                    pixel_kernels = moved[0, i, first:first + count].reshape(positions, kw * out_channels, in_channels)
+                    # Output row Y - i sits in grad_frame row Y - i + kh - 1.
+                    windows = _pixel_windows(grad_frame, top + first + kh - 1 - i, positions, kw, first_col)
+                    if i == 0:
+                        torch.bmm(windows, pixel_kernels, out=target)
+                    else:
+                        target.baddbmm_(windows, pixel_kernels)
+            del moved
+            # (H, W, B, C_in) -> (B, H, W, C_in), which is (B, C_in, H, W) channels-last.
+            grad_x = grad_out.new_empty(batch, height, width, in_channels)
+            grad_x.copy_(grad_pixels[:, left - first_col:left - first_col + width].permute(2, 0, 1, 3))
+            grad_x = grad_x.permute(0, 3, 1, 2)
+            del grad_pixels
+
+        if need_w:
+            grad_kernels = _kernel_grad_buffer(scratch, (1, kh, out_h, grid_w, out_channels, kw * in_channels), weight)
+            del scratch
+            for first, count in _row_blocks(out_h, row_by_row):
+                positions = count * grid_w
+                # Output pixel (r, c) sits at grad_frame pixel (r + kh - 1, c + kw - 1): (P, C_out, B).
+                grad_block = _pixel_windows(grad_frame, first + kh - 1, positions, 1, kw - 1).transpose(1, 2)
+                for i in range(kh):
+                    # (P, C_out, B) @ (P, B, kw * C_in) -> (P, C_out, kw * C_in)
+                    windows = _pixel_windows(frame, first + i, positions, kw)
+                    target = grad_kernels[0, i, first:first + count].view(positions, out_channels, -1)
+                    torch.bmm(grad_block, windows, out=target)
+            grad_w = _weight_grad(grad_kernels, weight, 1)
+
+        return grad_x, grad_w, None, None
 
 
 def locally_connected2d(
@@ -352,6 +596,7 @@ def locally_connected2d(
     dilation: IntPair = 1,
     groups: int = 1,
     row_by_row: Optional[bool] = None,
+    channels_last: Optional[bool] = None,
 ) -> torch.Tensor:
     """Apply a locally connected layer, the functional counterpart of ``F.conv2d``.
 
@@ -372,9 +617,14 @@ def locally_connected2d(
             layers, batch 128): on one thread, row by row was 8% to 14% faster at 32x32, 16x16 and
             8x8. With two threads, where every call is a parallel region, it ran 1.4x (best of 11)
             to 2x (median) slower than the grid at 8x8, despite the grid's 20% dropped columns.
+        channels_last: return a channels-last output (and compute stride-1 layers of one group in
+            ``_LocallyConnectedChannelsLast``, the fastest path on the CPU). None (the default)
+            does so when ``x`` is channels-last and not also contiguous. A tensor with one channel
+            is both, so it counts as contiguous. ``LocallyConnected2d`` passes True after
+            ``to_channels_last``.
 
     Returns:
-        ``(B, C_out, out_h, out_w)``.
+        ``(B, C_out, out_h, out_w)``, channels-last or contiguous as described for ``channels_last``.
     """
     stride_hw = _pair(stride, "stride")
     dilation_hw = _pair(dilation, "dilation")
@@ -400,8 +650,11 @@ def locally_connected2d(
         # Only the kernel-rows path drops columns (kw - 1 per row); the 1x1 paths have none.
         dropped = kw - 1 if stride_hw == (1, 1) and dilation_hw == (1, 1) else 0
         single_thread_cpu = x.device.type == "cpu" and torch.get_num_threads() == 1
-        row_by_row = dropped > 0 and (single_thread_cpu or dropped * 4 > out_w + dropped)
+        row_by_row = dropped > 0 and (
+            single_thread_cpu or dropped * 4 > out_w + dropped or is_row_layout(weight, groups))
 
+    if channels_last is None:
+        channels_last = _is_channels_last(x)
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
@@ -413,7 +666,10 @@ def locally_connected2d(
             x = x[:, :, ::stride_hw[0], ::stride_hw[1]][:, :, :out_h, :out_w]
             out = _LocallyConnectedRows.apply(x, weight, (0, 0, 0, 0), groups, row_by_row)
         elif stride_hw == (1, 1) and dilation_hw == (1, 1):
-            out = _LocallyConnectedRows.apply(x, weight, pads, groups, row_by_row)
+            if groups == 1 and channels_last:
+                out = _LocallyConnectedChannelsLast.apply(x, weight, pads, row_by_row)
+            else:
+                out = _LocallyConnectedRows.apply(x, weight, pads, groups, row_by_row)
         else:
             # Gather patches: (B, C_in * kh * kw, oh * ow), channels ordered (C_in, kh, kw) as in the
             # weight, so the weight is a free view as 1x1 kernels over C_in/g * kh * kw channels.
@@ -422,8 +678,10 @@ def locally_connected2d(
             patches = patches.view(x.shape[0], -1, out_h, out_w)
             kernels_1x1 = weight.reshape(out_h, out_w, out_channels, in_per_group * kh * kw, 1, 1)
             out = _LocallyConnectedRows.apply(patches, kernels_1x1, (0, 0, 0, 0), groups, row_by_row)
+    if channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)  # a no-op after the channels-last path
     if bias is not None:
-        out = out + bias.permute(2, 0, 1).to(out.dtype)
+        out = out + bias.permute(2, 0, 1).to(out.dtype)  # keeps the output's memory format
     return out
 
 
@@ -482,14 +740,18 @@ class LocallyConnected2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         kh, kw = self.kernel_size
         out_h, out_w = self.out_size
-        self.weight = nn.Parameter(
-            torch.empty(out_h, out_w, out_channels, in_channels // groups, kh, kw, **factory)
-        )
+        # Stride-1 layers of one group store their kernels in the order their GEMMs read them.
+        row_layout = (groups == 1 and self.stride == (1, 1) and self.dilation == (1, 1) and kh * kw > 1)
+        self.weight = nn.Parameter(empty_kernels(
+            (out_h, out_w, out_channels, in_channels // groups, kh, kw), row_layout, **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_h, out_w, out_channels, **factory))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters(deviation_eps)
+        # Set by bpcnn.to_channels_last. Outputs are then always channels-last, as nn.Conv2d's are
+        # once its weight is channels-last, so a network keeps that layout throughout.
+        self.channels_last = False
 
     def _check_geometry(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1 or self.groups < 1:
@@ -571,7 +833,8 @@ class LocallyConnected2d(nn.Module):
                 f"{type(self).__name__} expects {self.in_channels} input channels, got {x.shape[1]}"
             )
         return locally_connected2d(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            channels_last=True if self.channels_last else None,
         )
 
     def extra_repr(self) -> str:

@@ -285,7 +285,9 @@ def _sleep_pooled(
 
     shared = means + deviation
     n_members = members.numel()
-    weight.view(positions, -1).index_copy_(0, members, shared.reshape(n_members, -1).to(weight.dtype))
+    # (oh, ow, C_out, ...) -> (L, C_out, ...): a view for any kernel storage order (see empty_kernels).
+    flat = weight.view(positions, *weight.shape[2:])
+    flat.index_copy_(0, members, shared.reshape(n_members, *weight.shape[2:]).to(weight.dtype))
 
 
 def _sleep_per_position(

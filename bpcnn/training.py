@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import RunConfig
-from .convert import to_locally_connected
+from .convert import to_channels_last, to_locally_connected
 from .data import DataBundle, build_data
 from .models import resnet18, resnet_cifar
 from .sharing import InstantSharing, WeightSharing, unwrap, weight_snrs
@@ -105,6 +105,10 @@ def autocast_context(device: torch.device, amp: bool):
         return nullcontext()
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.preserve_format
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks: Tuple[int, ...] = (1, 5)) -> List[int]:
@@ -191,15 +195,19 @@ def train_one_epoch(
     step: int,
     progress: bool = True,
     description: str = "train",
+    channels_last: bool = False,
 ) -> Tuple[Dict[str, float], int]:
-    """Train for one pass over ``loader``; return the epoch's metrics and the new optimiser step count."""
+    """Train for one pass over ``loader``; return the epoch's metrics and the new optimiser step count.
+
+    With ``channels_last`` the images are handed to the model channels-last (see ``to_channels_last``).
+    """
     model.train()
     totals = [0.0, 0.0, 0.0, 0.0]  # loss sum, top-1 hits, top-5 hits, samples
     sharing_seconds, sharing_events = 0.0, 0
     start = time.perf_counter()
     bar = tqdm(loader, desc=description, leave=False, disable=not progress, dynamic_ncols=True)
     for images, targets in bar:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=_memory_format(channels_last))
         targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(images)
@@ -236,12 +244,15 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False, progress: bool = False) -> Dict[str, float]:
+def evaluate(
+    model: nn.Module, loader, device: torch.device, amp: bool = False, progress: bool = False, channels_last: bool = False
+) -> Dict[str, float]:
     """Return loss, top-1 and top-5 accuracy over ``loader`` (summed over all processes, each sample once)."""
     model.eval()
     totals = [0.0, 0.0, 0.0, 0.0]
     for images, targets in tqdm(loader, desc="evaluate", leave=False, disable=not progress, dynamic_ncols=True):
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=_memory_format(channels_last))
+        targets = targets.to(device, non_blocking=True)
         with autocast_context(device, amp):
             logits = model(images)
         logits = logits.float()
@@ -377,6 +388,8 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
     last = run_dir / "checkpoints" / "last.pt"
 
     model = build_model(config, data.in_channels, data.image_size, data.num_classes).to(device)
+    if config.channels_last:
+        to_channels_last(model)
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
@@ -419,7 +432,8 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
         data.train.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
         record, step = train_one_epoch(wrapped, data.train, optimizer, scaler, device, config.amp, sharing, step,
-                                       progress=show, description=f"epoch {epoch + 1}")
+                                       progress=show, description=f"epoch {epoch + 1}",
+                                       channels_last=config.channels_last)
         scheduler.step()
         _broadcast_buffers(model)
         record = {"epoch": epoch + 1, "step": step, "lr": lr, **record}
@@ -427,7 +441,7 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
             tick = time.perf_counter()
             # The unwrapped model: DDP's forward may synchronise buffers, a collective call that
             # hangs when evaluation shards differ in their number of batches.
-            result = evaluate(model, data.evaluation, device, config.amp)
+            result = evaluate(model, data.evaluation, device, config.amp, channels_last=config.channels_last)
             record.update({"eval_split": data.evaluation_split, "eval_loss": result["loss"],
                            "eval_top1": result["top1"], "eval_top5": result["top5"],
                            "eval_seconds": time.perf_counter() - tick})

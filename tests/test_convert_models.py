@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from bpcnn import LocallyConnected2d, to_convolutional, to_locally_connected
+from bpcnn import LocallyConnected2d, to_channels_last, to_convolutional, to_locally_connected
 from bpcnn.models import resnet18, resnet_cifar
 
 
@@ -100,3 +100,27 @@ def test_to_convolutional_round_trip():
     to_convolutional(model)
     assert _count(model, LocallyConnected2d) == 0
     torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_channels_last_model_same_outputs(in_channels):
+    torch.manual_seed(0)
+    model = to_locally_connected(resnet_cifar(n=1, width=4, num_classes=5, in_channels=in_channels).double(),
+                                 torch.zeros(1, in_channels, 12, 12, dtype=torch.float64))
+    x = torch.randn(3, in_channels, 12, 12, dtype=torch.float64)
+    expected = model(x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.parameters()))
+
+    outputs = []
+    for module in model.modules():
+        if isinstance(module, LocallyConnected2d):
+            module.register_forward_hook(lambda module, inputs, output: outputs.append(output))
+    to_channels_last(model)
+    actual = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(actual, expected)
+    grads = torch.autograd.grad(actual.square().sum(), list(model.parameters()))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    # Every LC output is channels-last, the first layer's (one input channel) included.
+    assert len(outputs) == _count(model, LocallyConnected2d)
+    assert all(out.is_contiguous(memory_format=torch.channels_last) and out.stride(1) == 1 for out in outputs)

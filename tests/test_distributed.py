@@ -203,7 +203,9 @@ def test_two_ranks_match_one_process(mnist_root, tmp_path, monkeypatch):
     assert not any("running_mean" in name for name in single)
     for name, value in single.items():
         assert not torch.allclose(value, initial[name], atol=1e-4), f"{name} did not train"
-        torch.testing.assert_close(two_ranks[0]["state"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        # atol 5e-5: AdamW divides each gradient entry by its own running size, so an entry whose
+        # gradient is near zero moves by an amount that float rounding decides (seen: 1.1e-5).
+        torch.testing.assert_close(two_ranks[0]["state"][name], value, rtol=1e-4, atol=5e-5, msg=name)
     assert [r["step"] for r in two_ranks[0]["metrics"]] == [r["step"] for r in one_rank.metrics] == [8, 16]
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bpcnn.layers import LocallyConnected2d, locally_connected2d, output_size, resolve_padding
+from bpcnn.layers import LocallyConnected2d, is_row_layout, locally_connected2d, output_size, resolve_padding
 
 Padding = Union[str, int, Tuple[int, int]]
 
@@ -58,13 +58,14 @@ def case_id(case: tuple) -> str:
 CASES = conv_cases()
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(case) for case in CASES])
-def test_forward_backward_match_conv(case: tuple) -> None:
+def test_forward_backward_match_conv(case: tuple, memory_format: torch.memory_format) -> None:
     c_in, c_out, kernel, stride, padding, dilation, groups, size, bias = case
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias, dtype=torch.float64)
     layer = LocallyConnected2d.from_conv(conv, size)
-    x = torch.randn(2, c_in, *size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, c_in, *size, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
 
     expected = conv(x)
     actual = layer(x)
@@ -130,6 +131,8 @@ GRADCHECK_CASES = {
     "1x1_stride2": dict(kernel_size=1, stride=2, padding=1),
     "unfold_stride2": dict(kernel_size=3, stride=2, padding=1),
     "unfold_dilation2": dict(kernel_size=2, dilation=2, groups=2),
+    "channels_last": dict(kernel_size=3, padding=1, channels_last=True),
+    "channels_last_grid": dict(kernel_size=(3, 2), padding=(1, 0), row_by_row=False, channels_last=True),
 }
 
 
@@ -138,8 +141,9 @@ def test_gradcheck_float64(name: str) -> None:
     torch.manual_seed(0)
     geometry = dict(GRADCHECK_CASES[name])
     row_by_row = geometry.pop("row_by_row", None)
+    memory_format = torch.channels_last if geometry.pop("channels_last", False) else torch.contiguous_format
     layer = LocallyConnected2d(2, 2, in_size=(3, 4), dtype=torch.float64, **geometry)  # type: ignore[arg-type]
-    x = torch.randn(2, 2, 3, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 2, 3, 4, dtype=torch.float64).contiguous(memory_format=memory_format).requires_grad_()
 
     def apply(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return locally_connected2d(
@@ -338,3 +342,69 @@ def test_output_allows_inplace_relu_without_bias(kernel_size):
     torch.relu_(layer(x)).sum().backward()
     assert x.grad is not None
     assert layer.weight.grad is not None
+
+
+@pytest.mark.parametrize("row_by_row", [None, False, True], ids=["default", "grid", "row_by_row"])
+def test_channels_last_in_and_out(row_by_row) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, padding=1, dtype=torch.float64)
+    layer = LocallyConnected2d.from_conv(conv, (6, 7))
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = locally_connected2d(x, layer.weight, layer.bias, padding=layer.padding, row_by_row=row_by_row)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert not out.is_contiguous()
+    torch.testing.assert_close(out, conv(x))
+    (grad_x,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    assert grad_x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize(
+    "geometry, row_layout",
+    [
+        (dict(kernel_size=3, padding=1), True),
+        (dict(kernel_size=(2, 3), padding=0), True),
+        (dict(kernel_size=3, padding=1, groups=2), False),
+        (dict(kernel_size=3, stride=2, padding=1), False),
+        (dict(kernel_size=3, dilation=2, padding=2), False),
+    ],
+    ids=["3x3", "2x3", "groups", "stride2", "dilation2"],
+)
+def test_row_layout_by_geometry(geometry: dict, row_layout: bool) -> None:
+    layer = LocallyConnected2d(4, 6, in_size=(6, 6), **geometry)
+    assert tuple(layer.weight.shape[:2]) == layer.out_size
+    assert is_row_layout(layer.weight, layer.groups) is row_layout
+    assert layer.weight.is_contiguous() is not row_layout
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_row_layout_gradient_strides(memory_format) -> None:
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(3, 4, 3, (6, 5), padding=1, bias=False, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=memory_format)
+    (grad,) = torch.autograd.grad(layer(x).square().sum(), layer.weight)
+    assert grad.stride() == layer.weight.stride()
+
+    # The same kernels as a contiguous tensor give the same output and gradient.
+    weight = layer.weight.detach().contiguous().requires_grad_()
+    out = locally_connected2d(x, weight, padding=1)
+    torch.testing.assert_close(out, layer(x))
+    (contiguous_grad,) = torch.autograd.grad(out.square().sum(), weight)
+    torch.testing.assert_close(contiguous_grad, grad)
+
+
+def test_row_layout_persists() -> None:
+    torch.manual_seed(0)
+    layer = LocallyConnected2d(3, 4, 3, (5, 5), padding=1)
+    optimiser = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(torch.randn(2, 3, 5, 5)).sum().backward()
+    optimiser.step()
+    assert is_row_layout(layer.weight, 1)
+    assert is_row_layout(optimiser.state[layer.weight]["exp_avg"], 1)
+    assert is_row_layout(layer.to(torch.float64).weight, 1)
+
+    # A state dict with contiguous kernels (as older checkpoints hold) loads into the row layout.
+    state = {name: value.contiguous() for name, value in layer.state_dict().items()}
+    fresh = LocallyConnected2d(3, 4, 3, (5, 5), padding=1, dtype=torch.float64)
+    fresh.load_state_dict(state)
+    assert is_row_layout(fresh.weight, 1)
+    torch.testing.assert_close(fresh.weight, layer.weight)
