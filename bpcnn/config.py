@@ -81,6 +81,9 @@ class RunConfig:
     instant_weight_sharing: bool = field(default=False, metadata=_help(
         "share by replacing kernels with their pool mean instead of running the sleep phase"))
     weight_sharing_frequency: int = field(default=10, metadata=_help("iterations between sharing events"))
+    instant_exclude_border: bool = field(default=False, metadata=_help(
+        "instant sharing leaves positions whose receptive field touches the padding unshared, as the sleep "
+        "phase does (default: they are pooled, as in the reference)"))
     sleep_steps: int = field(default=100, metadata=_help("update steps per sleep phase"))
     sleep_batch_size: int = field(default=128, metadata=_help("random periodic inputs per sleep-phase step"))
     sleep_lr: float = field(default=0.1, metadata=_help("learning rate of the anti-Hebbian sleep-phase update"))
@@ -156,7 +159,7 @@ class RunConfig:
 
     @property
     def variant(self) -> str:
-        """Short name of the model variant, e.g. ``conv``, ``lc``, ``lc_instant10``, ``lc_sleep10``, ``lc_rep4``."""
+        """Short name of the model variant, e.g. ``conv``, ``lc``, ``lc_instant10``, ``lc_instant10_interior``, ``lc_sleep10``."""
         if not self.is_locally_connected:
             name = "conv"
         else:
@@ -164,6 +167,8 @@ class RunConfig:
             if self.share_weights:
                 kind = "instant" if self.instant_weight_sharing else "sleep"
                 name += f"_{kind}{self.weight_sharing_frequency}"
+                if self.instant_weight_sharing and self.instant_exclude_border:
+                    name += "_interior"
         if self.n_repetitions > 1:
             name += f"_rep{self.n_repetitions}"
         return name

@@ -82,19 +82,21 @@ def pool_means(values: torch.Tensor, ids: torch.Tensor, n_pools: int) -> torch.T
 
 
 @torch.no_grad()
-def share_weights_instantly(module: nn.Module, share_bias: bool = True) -> int:
+def share_weights_instantly(module: nn.Module, share_bias: bool = True, exclude_border: bool = False) -> int:
     """Replace every LC kernel by the mean kernel of its pool; return the number of layers changed.
 
     Pools: output positions ``(h, w)`` and ``(h', w')`` of a layer with kernel ``(kh, kw)`` and
     stride ``(sh, sw)`` share when ``h = h' (mod kh / gcd(kh, sh))`` and
     ``w = w' (mod kw / gcd(kw, sw))``; for stride 1 that is ``h = h' (mod kh)``, and a 1x1 kernel
-    pools the whole layer. Border positions are included. ``module`` may be one
-    ``LocallyConnected2d`` or any model containing them. With ``share_bias`` the per-position
+    pools the whole layer. Border positions are included, as in the reference, unless
+    ``exclude_border``: then positions whose receptive field touches the padding keep their own
+    kernels, the pools of the sleep phase, which repeated phases converge to. ``module`` may be
+    one ``LocallyConnected2d`` or any model containing them. With ``share_bias`` the per-position
     biases are averaged over the same pools. Sharing twice changes nothing.
     """
     changed = 0
     for _, layer in locally_connected_layers(module):
-        ids, n_pools = pool_ids(layer)
+        ids, n_pools = pool_ids(layer, exclude_border=exclude_border)
         kernels = layer.kernels()
         kernels.copy_(pool_means(kernels, ids, n_pools))
         if share_bias and layer.bias is not None:
@@ -139,21 +141,26 @@ class WeightSharing(Protocol):
 
 
 class InstantSharing:
-    """Replace kernels by their pool means every ``frequency`` optimiser steps."""
+    """Replace kernels by their pool means every ``frequency`` optimiser steps.
 
-    def __init__(self, frequency: int) -> None:
+    With ``exclude_border`` the pools are the sleep phase's: border positions keep their own
+    kernels (see ``share_weights_instantly``).
+    """
+
+    def __init__(self, frequency: int, exclude_border: bool = False) -> None:
         if frequency < 1:
             raise ValueError(f"weight sharing frequency must be >= 1 iteration, got {frequency}")
         self.frequency = frequency
+        self.exclude_border = exclude_border
 
     def __call__(self, model: nn.Module, step: int) -> bool:
         if step % self.frequency:
             return False
-        share_weights_instantly(model)
+        share_weights_instantly(model, exclude_border=self.exclude_border)
         return True
 
     def __repr__(self) -> str:
-        return f"InstantSharing(frequency={self.frequency})"
+        return f"InstantSharing(frequency={self.frequency}, exclude_border={self.exclude_border})"
 
 
 def unwrap(model: nn.Module) -> nn.Module:

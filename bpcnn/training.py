@@ -89,7 +89,7 @@ def build_weight_sharing(config: RunConfig) -> Optional[WeightSharing]:
     if not (config.is_locally_connected and config.share_weights):
         return None
     if config.instant_weight_sharing:
-        return InstantSharing(config.weight_sharing_frequency)
+        return InstantSharing(config.weight_sharing_frequency, exclude_border=config.instant_exclude_border)
     from .sleep import SleepPhase
 
     return SleepPhase(

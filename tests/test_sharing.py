@@ -47,6 +47,25 @@ def test_instant_sharing_equalises_each_pool():
         torch.testing.assert_close(layer.bias[ids == pool], layer.bias[ids == pool][:1].expand_as(layer.bias[ids == pool]))
 
 
+def test_instant_sharing_excluding_border():
+    layer = _layer()
+    before = layer.kernels().clone()
+    bias_before = layer.bias.detach().clone()
+    schedule = InstantSharing(frequency=1, exclude_border=True)
+    assert schedule(layer, 1)
+    kernels = layer.kernels()
+    interior = interior_mask(layer)
+    # Border kernels and biases are untouched; interior ones take the mean over interior pool members.
+    torch.testing.assert_close(kernels[~interior], before[~interior], rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias[~interior], bias_before[~interior], rtol=0, atol=0)
+    ids, n_pools = pool_ids(layer)
+    for pool in range(n_pools):
+        members = (ids == pool) & interior
+        expected = before[members].mean(dim=0)
+        for member in kernels[members]:
+            torch.testing.assert_close(member, expected)
+
+
 def test_one_by_one_kernel_pools_whole_layer():
     layer = _layer(kernel_size=1, padding=0)
     share_weights_instantly(layer)

@@ -128,3 +128,18 @@ def test_notebook_runs_under_papermill(fashion_root, tmp_path):
     assert len(read_metrics(run_dir)) == 1
     assert (run_dir / "figures" / "learning_curves.png").is_file()
     assert (run_dir / "figures" / "snr.png").is_file()
+
+
+def test_instant_sharing_border_option():
+    from bpcnn.sharing import InstantSharing
+    from bpcnn.training import build_weight_sharing
+
+    fields = dict(is_locally_connected=True, share_weights=True, instant_weight_sharing=True)
+    reference = RunConfig(**fields)
+    interior = RunConfig(**fields, instant_exclude_border=True)
+    schedule = build_weight_sharing(interior)
+    assert isinstance(schedule, InstantSharing)
+    assert schedule.exclude_border
+    assert not build_weight_sharing(reference).exclude_border
+    assert reference.variant == "lc_instant10"
+    assert interior.variant == "lc_instant10_interior"
