@@ -5,11 +5,13 @@ Every output position holds its own kernel, so the layer has the FLOPs of ``nn.C
 Convolutional Networks", NeurIPS 2021 (arXiv 2106.13031), use such layers as the biologically
 plausible stand-in for convolutions.
 
-The weight is stored position-major, ``(out_h, out_w, out_channels, in_channels // groups, kh, kw)``,
-and ``LocallyConnected2d.kernels()`` is a view of the parameter. The forward and backward passes
-run as one batched matrix product over output positions per kernel row, on activations copied
-to a batch-innermost layout (see ``_LocallyConnectedRows``); no patch tensor is materialised for
-stride-1 layers.
+The weight has the shape ``(out_h, out_w, out_channels, in_channels // groups, kh, kw)``, and
+``LocallyConnected2d.kernels()`` is a view of the parameter; for one group and no dilation its
+memory is ordered as the matrix products read it (see ``empty_kernels``). The forward and backward
+passes run as one batched matrix product over output positions per kernel row. Channels-last
+activations are used in place (``_LocallyConnectedChannelsLast``, any stride); NCHW activations of
+stride-1 layers are copied to a batch-innermost layout (``_LocallyConnectedRows``). No patch tensor
+is materialised except for dilated or grouped strided layers, which use ``F.unfold``.
 """
 
 from __future__ import annotations
@@ -138,18 +140,18 @@ def _framed(pixels: torch.Tensor, frame: Tuple[int, int, int, int]) -> torch.Ten
 
 
 def _pixel_windows(
-    frame: torch.Tensor, first_row: int, positions: int, kernel_w: int, first_col: int = 0
+    frame: torch.Tensor, first_row: int, positions: int, kernel_w: int, first_col: int = 0, stride: int = 1
 ) -> torch.Tensor:
     """View ``kernel_w`` consecutive pixels of a channels-last frame as one ``(B, kernel_w * C)`` matrix per position.
 
     ``frame`` is ``(B, R, Wp, C)`` contiguous. Position ``p`` starts at flat pixel
-    ``first_row * Wp + first_col + p``; as in ``_row_windows``, positions past a row's end wrap
-    into the next row.
+    ``first_row * Wp + first_col + stride * p``. As in ``_row_windows``, positions past a row's end
+    wrap into the next row.
     """
     batch, n_rows, width, channels = frame.shape
     return frame.as_strided(
         (positions, batch, kernel_w * channels),
-        (channels, n_rows * width * channels, 1),
+        (stride * channels, n_rows * width * channels, 1),
         frame.storage_offset() + (first_row * width + first_col) * channels,
     )
 
@@ -486,6 +488,11 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
     ``torch.bmm`` over positions, as in ``_LocallyConnectedRows``, but the activations go in and
     out by copies of contiguous pixel blocks, several times cheaper than that class's transposes.
     Output and input gradient are channels-last.
+
+    Strides work too, row by row: position ``c`` of an output row starts ``stride * c`` pixels into
+    its frame row. The moved kernels of the stride-1 input gradient assume stride 1. A strided
+    layer instead computes ``(B, C_out) @ (C_out, kw * C_in)`` per position and kernel row, and adds
+    the result tap by tap into a strided view of the padded input gradient.
     """
 
     @staticmethod
@@ -494,12 +501,15 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
         x: torch.Tensor,
         weight: torch.Tensor,
         padding: Tuple[int, int, int, int],
+        stride: Tuple[int, int],
         row_by_row: bool,
     ) -> torch.Tensor:
         top, bottom, left, right = padding
+        stride_h, stride_w = stride
         batch, in_channels, height, width = x.shape
         out_h, out_w, out_channels, _, kh, kw = weight.shape
         padded_h, padded_w = height + top + bottom, width + left + right
+        row_by_row = row_by_row or stride != (1, 1)  # a strided grid has no single position stride
         grid_w = out_w if row_by_row else padded_w
 
         # (B, C, H, W) channels-last -> (B, H, W, C) inside a zero frame (B, padded_h + 1, padded_w, C).
@@ -518,14 +528,14 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
             for i in range(kh):
                 # (P, B, kw * C_in) @ (P, kw * C_in, C_out) -> (P, B, C_out)
                 kernels = row_kernels[i, first:first + count].reshape(positions, out_channels, -1).transpose(1, 2)
-                windows = _pixel_windows(frame, first + i, positions, kw)
+                windows = _pixel_windows(frame, first * stride_h + i, positions, kw, 0, stride_w)
                 if i == 0:
                     torch.bmm(windows, kernels, out=target)
                 else:
                     target.baddbmm_(windows, kernels)
 
         ctx.save_for_backward(frame, weight)
-        ctx.geometry = (padding, row_by_row, (height, width))
+        ctx.geometry = (padding, stride, row_by_row, (height, width))
         # (oh, ow, B, C_out) -> (B, oh, ow, C_out), which is (B, C_out, oh, ow) channels-last.
         result = x.new_empty(batch, out_h, out_w, out_channels)
         result.copy_(out[:, :out_w].permute(2, 0, 1, 3))
@@ -534,7 +544,9 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
         frame, weight = ctx.saved_tensors
-        (top, _, left, _), row_by_row, (height, width) = ctx.geometry
+        (top, _, left, _), stride, row_by_row, (height, width) = ctx.geometry
+        if stride != (1, 1):
+            return _strided_channels_last_backward(ctx, grad_out, frame, weight)
         out_h, out_w, out_channels, in_channels, kh, kw = weight.shape
         batch, padded_h, padded_w, _ = frame.shape
         padded_h -= 1  # the frame has one spare row
@@ -584,7 +596,52 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
                     torch.bmm(grad_block, windows, out=target)
             grad_w = _weight_grad(grad_kernels, weight, 1)
 
-        return grad_x, grad_w, None, None
+        return grad_x, grad_w, None, None, None
+
+
+def _strided_channels_last_backward(
+    ctx: Any, grad_out: torch.Tensor, frame: torch.Tensor, weight: torch.Tensor
+) -> Tuple[Optional[torch.Tensor], ...]:
+    """Return the gradients of ``_LocallyConnectedChannelsLast`` for a stride other than 1 (row by row)."""
+    (top, _, left, _), (stride_h, stride_w), _, (height, width) = ctx.geometry
+    out_h, out_w, out_channels, in_channels, kh, kw = weight.shape
+    batch, frame_h, padded_w, _ = frame.shape
+    positions = out_h * out_w
+    # (B, C_out, oh, ow) channels-last -> (B, oh, ow, C_out) contiguous.
+    grad_pixels = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    offset = grad_pixels.storage_offset()
+    grad_x = grad_w = None
+
+    if ctx.needs_input_grad[0]:
+        # (kh, oh, ow, C_out, kw, C_in) -> (kh, P, C_out, kw * C_in); a view for kernels in row layout.
+        kernels = _kernels_by_row(weight, 1)[0].reshape(kh, positions, out_channels, kw * in_channels)
+        grad_all = grad_pixels.as_strided((positions, batch, out_channels), (out_channels, positions * out_channels, 1), offset)
+        grad_frame = grad_out.new_zeros(batch, frame_h, padded_w, in_channels)
+        rows_end, cols_end = (out_h - 1) * stride_h + 1, (out_w - 1) * stride_w + 1
+        for i in range(kh):
+            # (P, B, C_out) @ (P, C_out, kw * C_in) -> (P, B, kw * C_in) -> (oh, ow, B, kw, C_in)
+            taps = torch.bmm(grad_all, kernels[i]).view(out_h, out_w, batch, kw, in_channels)
+            for j in range(kw):
+                # Output (r, c) reads padded pixel (r * s_h + i, c * s_w + j): positions never collide within a tap.
+                target = grad_frame[:, i:i + rows_end:stride_h, j:j + cols_end:stride_w]  # (B, oh, ow, C_in)
+                target += taps[:, :, :, j].permute(2, 0, 1, 3)
+            del taps
+        # (B, H, W, C_in) contiguous, which is (B, C_in, H, W) channels-last.
+        grad_x = grad_frame[:, top:top + height, left:left + width].contiguous().permute(0, 3, 1, 2)
+
+    if ctx.needs_input_grad[1]:
+        grad_kernels = weight.new_empty(1, kh, out_h, out_w, out_channels, kw * in_channels)
+        for row in range(out_h):
+            # Output row `row` of the gradient as (ow, C_out, B).
+            grad_block = grad_pixels.as_strided(
+                (out_w, out_channels, batch), (out_channels, 1, positions * out_channels), offset + row * out_w * out_channels)
+            for i in range(kh):
+                # (ow, C_out, B) @ (ow, B, kw * C_in) -> (ow, C_out, kw * C_in)
+                windows = _pixel_windows(frame, row * stride_h + i, out_w, kw, 0, stride_w)
+                torch.bmm(grad_block, windows, out=grad_kernels[0, i, row])
+        grad_w = _weight_grad(grad_kernels, weight, 1)
+
+    return grad_x, grad_w, None, None, None
 
 
 def locally_connected2d(
@@ -600,10 +657,12 @@ def locally_connected2d(
 ) -> torch.Tensor:
     """Apply a locally connected layer, the functional counterpart of ``F.conv2d``.
 
-    Stride-1, dilation-1 layers run as one batched GEMM per kernel row (see
-    ``_LocallyConnectedRows``). A 1x1 kernel with any stride subsamples its input first. Other
-    strides and dilations gather patches with ``F.unfold`` and run them as a 1x1 layer. Under
-    autocast the input and kernels are cast to the autocast dtype, as ``F.conv2d`` does.
+    Layers without dilation run as one batched GEMM per kernel row: channels-last inputs, and
+    strided layers of one group, in ``_LocallyConnectedChannelsLast``, other stride-1 layers in
+    ``_LocallyConnectedRows``. A 1x1 kernel with any stride subsamples its input first. Dilated
+    layers and strided layers of several groups gather patches with ``F.unfold`` and run them as a
+    1x1 layer. Under autocast the input and kernels are cast to the autocast dtype, as
+    ``F.conv2d`` does.
 
     Args:
         x: input ``(B, C_in, H, W)``.
@@ -665,11 +724,14 @@ def locally_connected2d(
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             x = x[:, :, ::stride_hw[0], ::stride_hw[1]][:, :, :out_h, :out_w]
             out = _LocallyConnectedRows.apply(x, weight, (0, 0, 0, 0), groups, row_by_row)
+        elif groups == 1 and dilation_hw == (1, 1) and (channels_last or stride_hw != (1, 1)):
+            # Strided layers take this path for NCHW inputs too: it reads any input strides, and
+            # its output goes back to NCHW below.
+            out = _LocallyConnectedChannelsLast.apply(x, weight, pads, stride_hw, row_by_row)
+            if not channels_last:
+                out = out.contiguous()
         elif stride_hw == (1, 1) and dilation_hw == (1, 1):
-            if groups == 1 and channels_last:
-                out = _LocallyConnectedChannelsLast.apply(x, weight, pads, row_by_row)
-            else:
-                out = _LocallyConnectedRows.apply(x, weight, pads, groups, row_by_row)
+            out = _LocallyConnectedRows.apply(x, weight, pads, groups, row_by_row)
         else:
             # Gather patches: (B, C_in * kh * kw, oh * ow), channels ordered (C_in, kh, kw) as in the
             # weight, so the weight is a free view as 1x1 kernels over C_in/g * kh * kw channels.
@@ -740,8 +802,8 @@ class LocallyConnected2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         kh, kw = self.kernel_size
         out_h, out_w = self.out_size
-        # Stride-1 layers of one group store their kernels in the order their GEMMs read them.
-        row_layout = (groups == 1 and self.stride == (1, 1) and self.dilation == (1, 1) and kh * kw > 1)
+        # Layers of one group without dilation store their kernels in the order their GEMMs read them.
+        row_layout = groups == 1 and self.dilation == (1, 1) and kh * kw > 1
         self.weight = nn.Parameter(empty_kernels(
             (out_h, out_w, out_channels, in_channels // groups, kh, kw), row_layout, **factory))
         if bias:

@@ -129,7 +129,9 @@ GRADCHECK_CASES = {
     "kernel_rows_grid": dict(kernel_size=3, padding=(1, 0), row_by_row=False),
     "kernel_rows_groups_asymmetric": dict(kernel_size=(2, 3), padding="same", groups=2),
     "1x1_stride2": dict(kernel_size=1, stride=2, padding=1),
-    "unfold_stride2": dict(kernel_size=3, stride=2, padding=1),
+    "channels_last_stride2": dict(kernel_size=3, stride=2, padding=1),
+    "channels_last_stride_2x1": dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), channels_last=True),
+    "unfold_stride2_groups": dict(kernel_size=3, stride=2, padding=1, groups=2),
     "unfold_dilation2": dict(kernel_size=2, dilation=2, groups=2),
     "channels_last": dict(kernel_size=3, padding=1, channels_last=True),
     "channels_last_grid": dict(kernel_size=(3, 2), padding=(1, 0), row_by_row=False, channels_last=True),
@@ -172,7 +174,7 @@ def test_single_gradient_requests() -> None:
 @pytest.mark.parametrize(
     "geometry",
     [dict(kernel_size=3, padding=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, stride=2, padding=1)],
-    ids=["kernel_rows", "1x1_stride2", "unfold"],
+    ids=["kernel_rows", "1x1_stride2", "stride2"],
 )
 def test_bfloat16_autocast_matches_conv(geometry: dict) -> None:
     torch.manual_seed(0)
@@ -364,7 +366,7 @@ def test_channels_last_in_and_out(row_by_row) -> None:
         (dict(kernel_size=3, padding=1), True),
         (dict(kernel_size=(2, 3), padding=0), True),
         (dict(kernel_size=3, padding=1, groups=2), False),
-        (dict(kernel_size=3, stride=2, padding=1), False),
+        (dict(kernel_size=3, stride=2, padding=1), True),
         (dict(kernel_size=3, dilation=2, padding=2), False),
     ],
     ids=["3x3", "2x3", "groups", "stride2", "dilation2"],
