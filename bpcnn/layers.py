@@ -675,11 +675,9 @@ def locally_connected2d(
         padding: an int, a pair ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``.
         row_by_row: issue one GEMM call per output row, computing only real positions, instead of one
             call over a grid that includes ``kw - 1`` dropped columns per row. None (the default)
-            chooses row by row on a CPU running one thread, and elsewhere when those columns are
-            over a quarter of the grid. Measured on a 2-core CPU shared with other jobs (ResNet-20
-            layers, batch 128): on one thread, row by row was 8% to 14% faster at 32x32, 16x16 and
-            8x8. With two threads, where every call is a parallel region, it ran 1.4x (best of 11)
-            to 2x (median) slower than the grid at 8x8, despite the grid's 20% dropped columns.
+            chooses row by row for kernels stored in row layout (see ``empty_kernels``), on a CPU
+            running one thread, and when those columns are over a quarter of the grid. Strided
+            layers always run row by row. ``benchmarks/README.md`` has the measurements.
         channels_last: return a channels-last output, which saves a copy per layer and pass. None
             (the default) does so when ``x`` is channels-last and not also contiguous. A tensor
             with one channel is both, so it counts as contiguous. ``LocallyConnected2d`` passes
