@@ -173,14 +173,16 @@ def test_single_gradient_requests() -> None:
 
 @pytest.mark.parametrize(
     "geometry",
-    [dict(kernel_size=3, padding=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, stride=2, padding=1)],
-    ids=["kernel_rows", "1x1_stride2", "stride2"],
+    [dict(kernel_size=3, padding=1), dict(kernel_size=1, stride=2), dict(kernel_size=3, stride=2, padding=1),
+     dict(kernel_size=3, padding=1, groups=2)],
+    ids=["kernel_rows", "1x1_stride2", "stride2", "groups"],
 )
-def test_bfloat16_autocast_matches_conv(geometry: dict) -> None:
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
+def test_bfloat16_autocast_matches_conv(geometry: dict, memory_format: torch.memory_format) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, bias=True, **geometry)
     layer = LocallyConnected2d.from_conv(conv, 12)
-    x = torch.randn(4, 8, 12, 12, requires_grad=True)
+    x = torch.randn(4, 8, 12, 12).contiguous(memory_format=memory_format).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         expected = conv(x)
         actual = layer(x)
