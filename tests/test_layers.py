@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from bpcnn import layers
 from bpcnn.layers import LocallyConnected2d, is_row_layout, locally_connected2d, output_size, resolve_padding
 
 Padding = Union[str, int, Tuple[int, int]]
@@ -58,9 +59,20 @@ def case_id(case: tuple) -> str:
 CASES = conv_cases()
 
 
+@pytest.fixture(params=["default", "channels_last_path"])
+def layer_path(request, monkeypatch):
+    """Run a test as it is, and again with every stride-1 layer of one group on the channels-last path.
+
+    The small layers of these tests have fewer output channels than the path's threshold.
+    """
+    if request.param == "channels_last_path":
+        monkeypatch.setattr(layers, "_MIN_CHANNELS_LAST_OUT", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("case", CASES, ids=[case_id(case) for case in CASES])
-def test_forward_backward_match_conv(case: tuple, memory_format: torch.memory_format) -> None:
+def test_forward_backward_match_conv(case: tuple, memory_format: torch.memory_format, layer_path: str) -> None:
     c_in, c_out, kernel, stride, padding, dilation, groups, size, bias = case
     torch.manual_seed(0)
     conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups, bias, dtype=torch.float64)
@@ -139,7 +151,7 @@ GRADCHECK_CASES = {
 
 
 @pytest.mark.parametrize("name", list(GRADCHECK_CASES))
-def test_gradcheck_float64(name: str) -> None:
+def test_gradcheck_float64(name: str, layer_path: str) -> None:
     torch.manual_seed(0)
     geometry = dict(GRADCHECK_CASES[name])
     row_by_row = geometry.pop("row_by_row", None)
@@ -351,7 +363,7 @@ def test_output_allows_inplace_relu_without_bias(kernel_size):
 @pytest.mark.parametrize("row_by_row", [None, False, True], ids=["default", "grid", "row_by_row"])
 def test_channels_last_in_and_out(row_by_row) -> None:
     torch.manual_seed(0)
-    conv = nn.Conv2d(3, 5, 3, padding=1, dtype=torch.float64)
+    conv = nn.Conv2d(3, 16, 3, padding=1, dtype=torch.float64)  # 16 outputs: the channels-last path
     layer = LocallyConnected2d.from_conv(conv, (6, 7))
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
     out = locally_connected2d(x, layer.weight, layer.bias, padding=layer.padding, row_by_row=row_by_row)
@@ -381,7 +393,7 @@ def test_row_layout_by_geometry(geometry: dict, row_layout: bool) -> None:
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels_last"])
-def test_row_layout_gradient_strides(memory_format) -> None:
+def test_row_layout_gradient_strides(memory_format, layer_path: str) -> None:
     torch.manual_seed(0)
     layer = LocallyConnected2d(3, 4, 3, (6, 5), padding=1, bias=False, dtype=torch.float64)
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=memory_format)
