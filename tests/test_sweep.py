@@ -39,12 +39,25 @@ def test_presets_expand_to_the_paper_grid():
     assert {p.name for p in PRESETS} >= {"paper_cifar10.yaml", "paper_cifar100.yaml", "paper_tinyimagenet.yaml",
                                          "paper_imagenet.yaml", "fashion_mnist_cpu.yaml"}
     for path in PRESETS:
+        if path.name == "fashion_mnist_sleep.yaml":
+            continue  # its own grid, checked below
         sweep = load_sweep(path)
         runs = expand(sweep, Path("runs"))
         models = {run.variant: run.config.variant for run in runs}
         assert models == {"conv": "conv", "lc": "lc", "lc_share1": "lc_instant1", "lc_share10": "lc_instant10",
                           "lc_share100": "lc_instant100", "lc_rep4": "lc_rep4"}, path.name
         assert len(sweep.seeds) >= 2, path.name
+
+
+def test_sleep_preset_grid():
+    sweep = load_sweep(REPO / "sweeps" / "fashion_mnist_sleep.yaml")
+    runs = expand(sweep, Path("runs"))
+    models = {run.variant: run.config.variant for run in runs}
+    assert models == {"lc": "lc", "lc_sleep10": "lc_sleep10", "lc_instant10_interior": "lc_instant10_interior",
+                      "lc_instant10": "lc_instant10"}
+    assert sweep.seeds == [0, 1, 2]
+    assert all(run.config.lc_deviation_eps == 0.1 for run in runs)
+    assert all(run.config.image_padding == 4 for run in runs)
 
 
 @pytest.mark.parametrize("name, dataset, batch, lr, weight_decay", [
