@@ -94,8 +94,9 @@ def load_mnist_like(dataset: str, root: Path, train: bool) -> Tuple[torch.Tensor
                 if dataset == "FashionMNIST"
                 else "pass --download with internet access, or copy the four IDX .gz files into --data-root"
             )
+            missing = "" if root.is_dir() else f" (the folder {root} does not exist: check --data-root)"
             raise DatasetNotFoundError(
-                f"{dataset}: {base}.gz not found in {', '.join(str(f) for f in folders)}; {hint}"
+                f"{dataset}: {base}.gz not found in {', '.join(str(f) for f in folders)}{missing}; {hint}"
             )
         found.append(read_idx(path))
     images, labels = found

@@ -99,6 +99,18 @@ def build_weight_sharing(config: RunConfig) -> Optional[WeightSharing]:
     )
 
 
+def _warn_about_sharing(config: RunConfig, sharing: Optional[WeightSharing], iterations: int) -> None:
+    """Log a warning when the sharing flags of ``config`` cannot act as a user would expect."""
+    if (config.instant_weight_sharing or config.instant_exclude_border) and not config.share_weights:
+        log.warning("--instant-weight-sharing and --instant-exclude-border have no effect without --share-weights; "
+                    "this run trains without weight sharing")
+    if config.share_weights and not config.is_locally_connected:
+        log.warning("--share-weights has no effect without --is-locally-connected; this run trains a conv net")
+    if sharing is not None and iterations < sharing.frequency:
+        log.warning("this run has %d iterations, fewer than --weight-sharing-frequency %d, so weights are never "
+                    "shared; lower the frequency or train longer", iterations, sharing.frequency)
+
+
 def autocast_context(device: torch.device, amp: bool):
     """float16 autocast on CUDA, bfloat16 on CPU, or nothing."""
     if not amp:
@@ -394,6 +406,7 @@ def train(config: RunConfig, progress: Optional[bool] = None) -> RunResult:
     scheduler = build_scheduler(config, optimizer)
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == "cuda")
     sharing = build_weight_sharing(config)
+    _warn_about_sharing(config, sharing, len(data.train) * config.n_epochs)
     start_epoch, step = 0, 0
     metrics = read_metrics(run_dir)
 

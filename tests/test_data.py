@@ -80,6 +80,7 @@ def test_missing_fashion_mnist_says_where_and_how(tmp_path):
         build_data(_config(dataset="FashionMNIST", data_root=str(tmp_path / "nowhere")))
     message = str(info.value)
     assert str(tmp_path / "nowhere") in message
+    assert "does not exist: check --data-root" in message
     assert "apt-get install dataset-fashion-mnist" in message
     assert "--download" in message
 

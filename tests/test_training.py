@@ -143,3 +143,20 @@ def test_instant_sharing_border_option():
     assert not build_weight_sharing(reference).exclude_border
     assert reference.variant == "lc_instant10"
     assert interior.variant == "lc_instant10_interior"
+
+
+def test_sharing_that_cannot_act_warns(fashion_root, tmp_path, caplog):
+    # 64 images in batches of 16 for 1 epoch: 4 iterations, fewer than the sharing frequency of 10.
+    config = _config(fashion_root, tmp_path / "never", subset=64, n_epochs=1, is_locally_connected=True,
+                     share_weights=True, instant_weight_sharing=True, weight_sharing_frequency=10)
+    with caplog.at_level("WARNING", logger="bpcnn.training"):
+        result = train(config)
+    assert "fewer than --weight-sharing-frequency 10" in caplog.text
+    assert result.metrics[-1]["sharing_events"] == 0
+
+    caplog.clear()
+    config = _config(fashion_root, tmp_path / "ignored", subset=64, n_epochs=1, is_locally_connected=True,
+                     instant_weight_sharing=True)
+    with caplog.at_level("WARNING", logger="bpcnn.training"):
+        train(config)
+    assert "no effect without --share-weights" in caplog.text
