@@ -30,6 +30,11 @@ def _conv_input_sizes(model: nn.Module, example_input: torch.Tensor) -> List[Tup
         model.eval()
         with torch.no_grad():
             model(example_input)
+    except RuntimeError as err:
+        raise ValueError(
+            f"the example input of shape {tuple(example_input.shape)} does not run through the model ({err}); "
+            "pass one input (batch, channels, height, width) with the channels and image size you train on"
+        ) from err
     finally:
         model.train(was_training)
         for hook in hooks:

@@ -124,3 +124,9 @@ def test_channels_last_model_same_outputs(in_channels):
     # Every LC output is channels-last, the first layer's (one input channel) included.
     assert len(outputs) == _count(model, LocallyConnected2d)
     assert all(out.is_contiguous(memory_format=torch.channels_last) and out.stride(1) == 1 for out in outputs)
+
+
+def test_example_input_with_wrong_channels_raises():
+    model = resnet_cifar(n=1, width=4, num_classes=5, in_channels=3)
+    with pytest.raises(ValueError, match=r"example input of shape \(1, 1, 12, 12\) does not run through the model"):
+        to_locally_connected(model, torch.zeros(1, 1, 12, 12))
