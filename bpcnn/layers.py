@@ -193,8 +193,8 @@ def empty_kernels(
 
     With ``row_layout`` the memory is ordered ``(kh, oh, ow, C_out, kw, C_in)``: the kernel row
     ``i`` of one output row is then one contiguous ``(ow, C_out, kw * C_in)`` block, the operand of
-    one row-by-row GEMM of ``_LocallyConnectedRows``. The forward pass then needs no copy of the
-    kernels and the backward pass returns the kernel gradient without rearranging it. The tensor
+    one row-by-row GEMM. The forward pass then needs no copy of the kernels, and the backward pass
+    returns the kernel gradient without rearranging it. The tensor
     has the usual shape either way; only its strides differ. Only for one group.
     """
     out_h, out_w, out_channels, in_per_group, kh, kw = shape
@@ -261,7 +261,8 @@ def _moved_kernels(
     for i in range(kh):
         first_r, end_r = max(0, top - i), min(out_h, top + height - i)
         row_0, row_1 = first_r + i - top, end_r + i - top
-        if row_0 < row_1 and x_0 < x_1:
+        strided_copy = row_0 < row_1 and x_0 < x_1
+        if strided_copy:
             offset = (kernels.storage_offset() + i * s_i + first_r * s_r
                       + (x_0 + first_col - (kw - 1)) * s_c + (kw - 1) * s_j)
             taps = kernels.as_strided(
@@ -280,7 +281,8 @@ def _moved_kernels(
             tap[:, row_0:row_1, :col_0].zero_()
             tap[:, row_0:row_1, col_1:].zero_()
             # The columns the strided copy did not cover, [col_0, x_0) and [x_1, col_1).
-            for start, end in ((col_0, min(col_1, x_0)), (max(col_0, x_1), col_1)) if x_0 < x_1 else ((col_0, col_1),):
+            spans = [(col_0, min(col_1, x_0)), (max(col_0, x_1), col_1)] if strided_copy else [(col_0, col_1)]
+            for start, end in spans:
                 if start < end:
                     tap[:, row_0:row_1, start:end] = kernels[
                         :, i, first_r:end_r, start + first_col - j:end + first_col - j, :, j]
@@ -378,8 +380,9 @@ def _weight_grad(grad_kernels: torch.Tensor, weight: torch.Tensor, groups: int) 
 class _LocallyConnectedRows(torch.autograd.Function):
     """Stride-1, dilation-1 locally connected layer computed as batched GEMMs, one per kernel row.
 
-    ``locally_connected2d`` uses it for layers of several groups and for 1x1 layers after
-    subsampling; ``_LocallyConnectedChannelsLast`` serves one group.
+    ``locally_connected2d`` uses it for stride-1 layers of several groups or with fewer than
+    ``_MIN_CHANNELS_LAST_OUT`` output channels, and for 1x1 layers after subsampling.
+    ``_LocallyConnectedChannelsLast`` serves the other layers of one group.
 
     Activations are copied once into a "row layout" ``(g, Hp + 1, Wp, C/g, B)``, batch innermost,
     where ``Hp, Wp`` is the padded size. In that layout the ``kw`` pixels a kernel row covers are
@@ -490,7 +493,7 @@ class _LocallyConnectedRows(torch.autograd.Function):
 
 
 class _LocallyConnectedChannelsLast(torch.autograd.Function):
-    """The computation of ``_LocallyConnectedRows`` for channels-last activations of one group.
+    """The computation of ``_LocallyConnectedRows`` for one group, on activations in channels-last order.
 
     A channels-last tensor ``(B, C, H, W)`` is ``(B, H, W, C)`` in memory, so the ``kw`` pixels a
     kernel row covers are, per image, ``kw * C`` contiguous numbers. Copied once into a zero
@@ -498,7 +501,7 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
     batch as the GEMM's rows and the image size as their stride. Each kernel row is then one
     ``torch.bmm`` over positions, as in ``_LocallyConnectedRows``, but the activations go in and
     out by copies of contiguous pixel blocks, several times cheaper than that class's transposes.
-    Output and input gradient are channels-last.
+    Output and input gradient are channels-last. The input may have any strides.
 
     Strides work too, row by row: position ``c`` of an output row starts ``stride * c`` pixels into
     its frame row. The moved kernels of the stride-1 input gradient assume stride 1. A strided
@@ -682,9 +685,9 @@ def locally_connected2d(
         padding: an int, a pair ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``.
         row_by_row: issue one GEMM call per output row, computing only real positions, instead of one
             call over a grid that includes ``kw - 1`` dropped columns per row. None (the default)
-            chooses row by row for kernels stored in row layout (see ``empty_kernels``), on a CPU
-            running one thread, and when those columns are over a quarter of the grid. Strided
-            layers always run row by row. ``benchmarks/README.md`` has the measurements.
+            chooses row by row on the channels-last path for kernels stored in row layout (see
+            ``empty_kernels``), on a CPU running one thread, and when those columns are over a
+            quarter of the grid. Strided layers always run row by row. ``benchmarks/README.md`` has the measurements.
         channels_last: return a channels-last output, which saves a copy per layer and pass. None
             (the default) does so when ``x`` is channels-last and not also contiguous. A tensor
             with one channel is both, so it counts as contiguous. ``LocallyConnected2d`` passes
@@ -713,12 +716,18 @@ def locally_connected2d(
             f"times groups={groups}"
         )
 
+    subsample_1x1 = (kh, kw) == (1, 1) and (stride_hw != (1, 1) or any(pads))
+    channels_last_path = (not subsample_1x1 and groups == 1 and dilation_hw == (1, 1)
+                          and (stride_hw != (1, 1) or out_channels >= _MIN_CHANNELS_LAST_OUT))
     if row_by_row is None:
-        # Only the kernel-rows path drops columns (kw - 1 per row); the 1x1 paths have none.
+        # Only the kernel-rows paths drop columns (kw - 1 per row); the 1x1 paths have none.
         dropped = kw - 1 if stride_hw == (1, 1) and dilation_hw == (1, 1) else 0
         single_thread_cpu = x.device.type == "cpu" and torch.get_num_threads() == 1
-        row_by_row = dropped > 0 and (
-            single_thread_cpu or dropped * 4 > out_w + dropped or is_row_layout(weight, groups))
+        # Kernels in row layout are read in place row by row on the channels-last path. On
+        # _LocallyConnectedRows with two threads, the grid was faster for the demo's 1 -> 8 and
+        # 8 -> 8 layers (5.6 and 11.4 ms against 7.4 and 13.1 ms), even with its kernel copy.
+        in_place = channels_last_path and is_row_layout(weight, groups)
+        row_by_row = dropped > 0 and (single_thread_cpu or dropped * 4 > out_w + dropped or in_place)
 
     if channels_last is None:
         channels_last = _is_channels_last(x)
@@ -727,12 +736,12 @@ def locally_connected2d(
         compute_dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(compute_dtype), weight.to(compute_dtype)
     with torch.autocast(device_type, enabled=False):
-        if (kh, kw) == (1, 1) and (stride_hw != (1, 1) or any(pads)):
+        if subsample_1x1:
             # A 1x1 kernel reads one pixel: pad, subsample, and run a 1x1 stride-1 layer.
             x = F.pad(x, (pads[2], pads[3], pads[0], pads[1]))
             x = x[:, :, ::stride_hw[0], ::stride_hw[1]][:, :, :out_h, :out_w]
             out = _LocallyConnectedRows.apply(x, weight, (0, 0, 0, 0), groups, row_by_row)
-        elif groups == 1 and dilation_hw == (1, 1) and (stride_hw != (1, 1) or out_channels >= _MIN_CHANNELS_LAST_OUT):
+        elif channels_last_path:
             # NCHW inputs take this path too: it reads any input strides, and its output goes back
             # to NCHW here. On one thread that was 1.02x to 1.1x faster than _LocallyConnectedRows.
             out = _LocallyConnectedChannelsLast.apply(x, weight, pads, stride_hw, row_by_row)
