@@ -1,6 +1,6 @@
 """The Fashion-MNIST demo: conv, LC and LC with instant sharing, each trained by executing the training notebook.
 
-Sized so that the three runs finish well within 15 minutes on a 2-core CPU (7.2 minutes measured
+Sized so that the three runs finish well within 15 minutes on a 2-core CPU (7.0 minutes measured
 on an idle one) and the conv run reaches at least 85% test accuracy on the full test set.
 """
 
@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "train.ipynb"
 
 # Shared by the three runs: ResNet-8 of width 8 trained on all 60,000 training images for 4 epochs,
-# the learning rate divided by 4 for the last one. On an idle 2-core CPU an epoch takes about 16 s
-# (conv) and 42 s (LC). With 24,000 images and 3 epochs the conv run reached only 86.6%.
+# the learning rate divided by 4 for the last one. On an idle 2-core CPU an epoch takes about 17 s
+# (conv) and 40 s (LC). With 24,000 images and 3 epochs the conv run reached only 86.6%.
 DEMO_PARAMETERS: Dict[str, Any] = {
     "dataset": "FashionMNIST",
     "experiment": "resnet_cifar",
