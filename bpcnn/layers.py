@@ -217,6 +217,14 @@ def _kernels_by_row(weight: torch.Tensor, groups: int) -> torch.Tensor:
     return grouped.permute(2, 5, 0, 1, 3, 6, 4)
 
 
+def _add_product(target: torch.Tensor, left: torch.Tensor, right: torch.Tensor, overwrite: bool) -> None:
+    """Add the batched product ``left @ right`` to ``target``, or write it there when ``overwrite`` is set."""
+    if overwrite:
+        torch.bmm(left, right, out=target)
+    else:
+        target.baddbmm_(left, right)
+
+
 def _moved_kernels(
     kernels: torch.Tensor,
     padded_h: int,
@@ -327,10 +335,7 @@ def _grad_input_by_rows(
                 pixel_kernels = pixel_kernels.transpose(1, 2)
                 # Output row Y - i sits in grad_rows row Y - i + kh - 1.
                 windows = _row_windows(grad_rows[group], top + first + kh - 1 - i, positions, kw, first_col)
-                if i == 0:
-                    torch.bmm(pixel_kernels, windows, out=target)
-                else:
-                    target.baddbmm_(pixel_kernels, windows)
+                _add_product(target, pixel_kernels, windows, overwrite=i == 0)
     return _from_row_layout(grad_x_rows[:, :, left - first_col:left - first_col + width]), scratch
 
 
@@ -436,10 +441,7 @@ class _LocallyConnectedRows(torch.autograd.Function):
                     # (P, C_out/g, kw * C_in/g) @ (P, kw * C_in/g, B) -> (P, C_out/g, B)
                     kernels = row_kernels[group, i, first:first + count].view(positions, out_per_group, -1)
                     windows = _row_windows(rows[group], first + i, positions, kw)
-                    if i == 0:
-                        torch.bmm(kernels, windows, out=target)
-                    else:
-                        target.baddbmm_(kernels, windows)
+                    _add_product(target, kernels, windows, overwrite=i == 0)
 
         # The weight, not row_kernels, is saved: it exists anyway, so the arranged copy is freed here.
         ctx.save_for_backward(rows, weight)
@@ -543,10 +545,7 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
                 # (P, B, kw * C_in) @ (P, kw * C_in, C_out) -> (P, B, C_out)
                 kernels = row_kernels[i, first:first + count].reshape(positions, out_channels, -1).transpose(1, 2)
                 windows = _pixel_windows(frame, first * stride_h + i, positions, kw, 0, stride_w)
-                if i == 0:
-                    torch.bmm(windows, kernels, out=target)
-                else:
-                    target.baddbmm_(windows, kernels)
+                _add_product(target, windows, kernels, overwrite=i == 0)
 
         ctx.save_for_backward(frame, weight)
         ctx.geometry = (padding, stride, row_by_row, (height, width))
@@ -585,10 +584,7 @@ class _LocallyConnectedChannelsLast(torch.autograd.Function):
                     pixel_kernels = moved[0, i, first:first + count].reshape(positions, kw * out_channels, in_channels)
                     # Output row Y - i sits in grad_frame row Y - i + kh - 1.
                     windows = _pixel_windows(grad_frame, top + first + kh - 1 - i, positions, kw, first_col)
-                    if i == 0:
-                        torch.bmm(windows, pixel_kernels, out=target)
-                    else:
-                        target.baddbmm_(windows, pixel_kernels)
+                    _add_product(target, windows, pixel_kernels, overwrite=i == 0)
             del moved
             # (H, W, B, C_in) -> (B, H, W, C_in), which is (B, C_in, H, W) channels-last.
             grad_x = grad_out.new_empty(batch, height, width, in_channels)
